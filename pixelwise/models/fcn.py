@@ -1,0 +1,152 @@
+"""Fully Convolutional Networks: FCN-32s, FCN-16s, FCN-8s.
+
+Long, Shelhamer, Darrell, "Fully Convolutional Networks for Semantic Segmentation",
+CVPR 2015 (SPEC §1). The classifier's fully connected layers become convolutions
+(fc6 = 7x7 conv 4096, fc7 = 1x1 conv 4096), a 1x1 ``score`` layer predicts C classes at
+stride 32, and learned per-class transposed convolutions initialised to bilinear
+interpolation bring the scores back to the input resolution, fusing (by SUM) the scores
+of pool4 (FCN-16s) and pool3 (FCN-8s) on the way.
+
+Any input size works: the encoder pools with ``ceil_mode`` so a feature cell ``j`` at
+stride ``s`` covers pixels ``[s*j, s*j + s)``; every upsampler (kernel 2s, stride s,
+padding s/2) then maps cell centres to pixel centres exactly as bilinear interpolation
+with ``align_corners=False`` does, and the result is cropped at the bottom/right to the
+skip (or input) size. The reference Caffe code's 100-pixel padding of conv1_1 and its
+crop offsets are not needed for that (SPEC §1 allows it).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from pixelwise.models.backbones import build_encoder
+from pixelwise.models.registry import register_model
+
+__all__ = ["FCN", "FCNHead", "BilinearUpsampler", "bilinear_kernel"]
+
+
+def bilinear_kernel(kernel_size: int) -> torch.Tensor:
+    """The 2-D bilinear interpolation kernel of FCN (SPEC §1): f = ceil(k/2),
+    c = f - 1 if k is odd else f - 0.5, w(x, y) = (1 - |x - c|/f)(1 - |y - c|/f)."""
+    f = math.ceil(kernel_size / 2)
+    c = f - 1 if kernel_size % 2 == 1 else f - 0.5
+    og = torch.arange(kernel_size, dtype=torch.float64)
+    w1 = 1 - (og - c).abs() / f
+    return (w1[:, None] * w1[None, :]).float()
+
+
+class BilinearUpsampler(nn.ConvTranspose2d):
+    """Per-class transposed convolution (kernel 2s, stride s, no bias) initialised to
+    bilinear interpolation; one kernel per class channel, no cross-class weights (FCN §3.3)."""
+
+    def __init__(self, num_classes: int, factor: int, learnable: bool = True):
+        super().__init__(
+            num_classes, num_classes, kernel_size=2 * factor, stride=factor,
+            padding=factor // 2, groups=num_classes, bias=False,
+        )
+        self.factor = factor
+        with torch.no_grad():
+            self.weight.copy_(bilinear_kernel(2 * factor).expand_as(self.weight))
+        self.weight.requires_grad_(learnable)
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:  # type: ignore[override]
+        y = super().forward(x)
+        return y[..., : size[0], : size[1]]
+
+
+class FCNHead(nn.Sequential):
+    """fc6 (7x7 conv, ReLU, dropout 0.5) -> fc7 (1x1 conv, ReLU, dropout 0.5) -> score_fr
+    (1x1 conv to C, zero-initialised), FCN §3.1 / §4.1. ``padding=3`` keeps fc6 'same'."""
+
+    def __init__(self, in_channels: int, num_classes: int, fc_channels: int = 4096, dropout: float = 0.5):
+        score = nn.Conv2d(fc_channels, num_classes, 1)
+        nn.init.zeros_(score.weight)
+        nn.init.zeros_(score.bias)
+        super().__init__(
+            nn.Conv2d(in_channels, fc_channels, 7, padding=3), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
+            nn.Conv2d(fc_channels, fc_channels, 1), nn.ReLU(inplace=True), nn.Dropout2d(dropout),
+            score,
+        )
+
+
+def _zero_conv1x1(in_ch: int, out_ch: int) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, 1)
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class FCN(nn.Module):
+    """FCN-32s / 16s / 8s (FCN §4.2, Fig. 3) on any encoder of the backbone contract.
+
+    Args:
+        num_classes: C, background included.
+        stride: 32, 16 or 8 - the finest skip that is fused (FCN-32s, -16s, -8s).
+        backbone: encoder name (VGG16 as in the paper by default).
+        width: channel multiplier of the VGG encoder AND of fc6/fc7 (1.0 = the paper's net);
+            smaller widths train on a CPU.
+        learn_final_upsampler: the paper keeps the last (x8/x16/x32) upsampler fixed to
+            bilinear and learns the intermediate x2 ones; set True to learn it too.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        stride: int = 8,
+        backbone: str = "vgg16",
+        width: float = 1.0,
+        in_channels: int = 3,
+        learn_final_upsampler: bool = False,
+        dropout: float = 0.5,
+        **encoder_kwargs,
+    ):
+        super().__init__()
+        if stride not in (8, 16, 32):
+            raise ValueError(f"FCN stride must be 8, 16 or 32, got {stride}")
+        if backbone.startswith("vgg"):
+            encoder_kwargs["width"] = width
+        elif width != 1.0:
+            raise ValueError("FCN 'width' applies to VGG backbones only")
+        self.encoder = build_encoder(backbone, in_channels=in_channels, **encoder_kwargs)
+        if tuple(self.encoder.output_strides[2:]) != (8, 16, 32):
+            raise ValueError("FCN needs an encoder with output stride 32 (features at strides 8, 16, 32)")
+        ch = self.encoder.out_channels
+        self.stride = stride
+        self.head = FCNHead(ch[4], num_classes, max(1, int(round(4096 * width))), dropout)
+        if stride <= 16:
+            self.score_pool4 = _zero_conv1x1(ch[3], num_classes)
+            self.up_pool5 = BilinearUpsampler(num_classes, 2)
+        if stride == 8:
+            self.score_pool3 = _zero_conv1x1(ch[2], num_classes)
+            self.up_pool4 = BilinearUpsampler(num_classes, 2)
+        self.up_final = BilinearUpsampler(num_classes, stride, learnable=learn_final_upsampler)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        _, _, pool3, pool4, pool5 = self.encoder(x)
+        score = self.head(pool5)
+        if self.stride <= 16:
+            score = self.up_pool5(score, pool4.shape[-2:]) + self.score_pool4(pool4)
+        if self.stride == 8:
+            score = self.up_pool4(score, pool3.shape[-2:]) + self.score_pool3(pool3)
+        return self.up_final(score, size)
+
+
+_PAPER = "Long et al., Fully Convolutional Networks for Semantic Segmentation, CVPR 2015"
+
+
+@register_model("fcn32s", paper=_PAPER)
+def fcn32s(num_classes: int, **kw) -> FCN:
+    return FCN(num_classes, stride=32, **kw)
+
+
+@register_model("fcn16s", paper=_PAPER)
+def fcn16s(num_classes: int, **kw) -> FCN:
+    return FCN(num_classes, stride=16, **kw)
+
+
+@register_model("fcn8s", paper=_PAPER)
+def fcn8s(num_classes: int, **kw) -> FCN:
+    return FCN(num_classes, stride=8, **kw)
