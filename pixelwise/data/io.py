@@ -1,0 +1,365 @@
+"""Reading and writing images and label maps, and atomic file writes.
+
+Readers turn every problem with a file (missing, unreadable, truncated, wrong kind of label
+file) into a :class:`~pixelwise.errors.DataError` that names the file and says what to do.
+Readers load the whole file before returning: a truncated image is an error, never a
+half-grey picture.
+
+Writers are atomic: they write to a temporary file in the destination folder and
+``os.replace`` it onto the final name, so a reader never sees a half-written file and an
+interrupted write leaves the old file (or nothing) in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import shutil
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import IO, Literal
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from pixelwise.data.classes import ClassInfo, palette_bytes
+from pixelwise.errors import DataError
+
+__all__ = [
+    "atomic_directory",
+    "atomic_open",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "colors_to_label",
+    "read_image",
+    "read_label",
+    "write_image",
+    "write_label_png",
+]
+
+ImageMode = Literal["RGB", "L"] | None
+
+# ---------------------------------------------------------------------------------------
+# atomic writes
+# ---------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: Literal["wb", "w"] = "wb", *, fsync: bool = True,
+                encoding: str = "utf-8") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on a clean exit it replaces ``path``.
+
+    The temporary file is ``.<name>.<random>.tmp`` in the same folder (same file system, so
+    the final ``os.replace`` is atomic) and is removed if the block raises. The file gets the
+    usual permissions (0o666 minus the umask). ``fsync=True`` flushes it to disk before the
+    rename, so a crash cannot leave an empty file under the final name.
+
+    Example::
+
+        with atomic_open("model.pt") as f:
+            torch.save(state, f)
+    """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
+    path = Path(path)
+    folder = path.parent
+    while True:
+        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            break
+        except FileExistsError:  # pragma: no cover - 32 random bits collided
+            continue
+    try:
+        with os.fdopen(fd, mode, **({"encoding": encoding, "newline": ""} if mode == "w" else {})) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`); returns the path."""
+    with atomic_open(path, "wb", fsync=fsync) as f:
+        f.write(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8", fsync: bool = True) -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_open`); returns the path."""
+    return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Build a folder under a temporary name; on a clean exit it is renamed to ``path``.
+
+    Yields the temporary folder (``.<name>.<random>.tmp`` next to ``path``) to fill. If the
+    block raises, the temporary folder is deleted and ``path`` is untouched, so a
+    half-written dataset is never left behind. An existing ``path`` is replaced only when it
+    is empty or ``overwrite=True``.
+
+    Raises:
+        DataError: ``path`` is a file, or a non-empty folder and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise DataError(path, "exists and is not a folder", "choose another output folder")
+        if not overwrite and any(path.iterdir()):
+            raise DataError(path, "output folder exists and is not empty",
+                            "pass overwrite=True (CLI: --overwrite) or choose another folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    tmp = path.parent / f".{path.name}.{token}.tmp"
+    tmp.mkdir()
+    old = path.parent / f".{path.name}.{token}.old"
+    try:
+        yield tmp
+        if path.exists():
+            os.replace(path, old)  # the previous content, deleted once the new one is in place
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------
+
+_truncation_lock = threading.Lock()
+_LABEL_MODES = {"P", "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N", "PA", "LA"}
+_HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+
+
+def _open_fully(path: str | Path, what: str) -> Image.Image:
+    """Open and decode the first frame of an image file completely, or raise DataError.
+
+    Truncated files are always an error, even when someone set PIL's global
+    ``ImageFile.LOAD_TRUNCATED_IMAGES`` (which would fill the missing part with grey).
+    """
+    path = Path(path)
+    if not path.is_file():
+        if path.exists():
+            raise DataError(path, f"{what} path is not a file")
+        raise DataError(path, f"{what} file not found")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(path, f"cannot read {what} file: {e.strerror or e}") from None
+    try:
+        with _truncation_lock:
+            saved = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                img = Image.open(io.BytesIO(data))
+                img.load()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    except UnidentifiedImageError:
+        raise DataError(path, f"{what} file is not a readable image (unknown or corrupt format)",
+                        "re-export it as PNG or JPEG") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(path, f"{what} is too large to decode safely: {e}",
+                        "raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        problem = str(e) or type(e).__name__
+        if "truncated" in problem.lower():
+            raise DataError(path, f"{what} file is truncated: it ends before its pixel data does",
+                            "the file is incomplete: copy or download it again") from None
+        raise DataError(path, f"{what} file is corrupt or unreadable ({problem})",
+                        "re-export it as PNG or JPEG") from None
+    return img
+
+
+def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Map the value range [min, max] of a high-bit-depth image linearly onto 0..255."""
+    a = a.astype(np.float64)
+    finite = np.isfinite(a)
+    if not finite.all():
+        a = np.where(finite, a, np.nan)
+    lo, hi = np.nanmin(a) if finite.any() else 0.0, np.nanmax(a) if finite.any() else 0.0
+    if hi <= lo:
+        return np.zeros(a.shape, np.uint8)
+    out = (np.nan_to_num(a, nan=lo) - lo) * (255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def read_image(path: str | Path, mode: ImageMode = "RGB") -> np.ndarray:
+    """Read an image as a uint8 array of shape (H, W, C).
+
+    Args:
+        path: any format PIL reads (PNG, JPEG, TIFF, BMP, ...); the first frame is used.
+            The stored pixel grid is returned as is (EXIF orientation is not applied, so
+            label maps drawn on the stored grid stay aligned).
+        mode: ``"RGB"`` (C=3), ``"L"`` (C=1, grayscale) or ``None`` (keep the file's channels:
+            1 gray, 2 gray+alpha, 3 RGB, 4 RGBA; palette images become RGB or RGBA).
+            16-bit and 32-bit images are scaled to 8 bits by their value range
+            (min -> 0, max -> 255). RGBA drops alpha for ``"RGB"``; grayscale is repeated
+            over three channels for ``"RGB"``; colour becomes luma for ``"L"``.
+
+    Raises:
+        DataError: the file is missing, unreadable, truncated or corrupt.
+    """
+    if mode not in ("RGB", "L", None):
+        raise ValueError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
+    img = _open_fully(path, "image")
+    if img.mode in _HIGH_BIT_MODES:
+        gray = _scale_to_uint8(np.asarray(img))
+        if mode == "RGB":
+            return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+        return gray[:, :, None]
+    if mode is None:
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif img.mode == "PA":
+            img = img.convert("RGBA")
+        elif img.mode not in ("L", "LA", "RGB", "RGBA"):
+            img = img.convert("RGB")
+    elif img.mode != mode:
+        if mode == "L" and img.mode not in ("1", "LA"):
+            img = img.convert("RGB")  # palette, CMYK, YCbCr, RGBA: through RGB to luma
+        img = img.convert(mode)
+    a = np.array(img, dtype=np.uint8)  # a writable copy
+    return a[:, :, None] if a.ndim == 2 else a
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Read a label map (class ids or instance ids) as an int64 array (H, W).
+
+    Accepted: palette ("P") PNGs, whose pixel values are the indices (the colours are only
+    for display, as in VOC), and single-channel 8/16-bit index images ("L", "I;16").
+    Lossy JPEG files and RGB(A) colour-coded masks are refused with a DataError that says how
+    to convert them (:func:`colors_to_label` maps colours to indices).
+
+    Raises:
+        DataError: missing, unreadable or truncated file, a JPEG, or a colour image.
+    """
+    path = Path(path)
+    img = _open_fully(path, "label")
+    if img.format in ("JPEG", "MPO"):
+        raise DataError(path, "label map is a JPEG: lossy compression changes the class ids at edges",
+                        "save labels as palette or grayscale PNG files")
+    if img.mode not in _LABEL_MODES:
+        raise DataError(
+            path,
+            f"label map is a {img.mode} colour image but a palette/index PNG is expected "
+            "(pixel value = class id)",
+            "convert it: ids = pixelwise.data.io.colors_to_label(read_image(path), [c.color for c in classes]), "
+            "then pixelwise.data.io.write_label_png(path, ids, classes)",
+        )
+    if img.mode in ("PA", "LA"):
+        img = img.getchannel(0)
+    return np.asarray(img).astype(np.int64)
+
+
+def colors_to_label(rgb: np.ndarray, colors: Sequence[Sequence[int]], ignore_index: int = 255,
+                    ignore_color: Sequence[int] | None = (224, 224, 192)) -> np.ndarray:
+    """Convert a colour-coded mask (H, W, 3) to class ids (H, W) int64.
+
+    Pixel colour ``colors[i]`` becomes ``i``; ``ignore_color`` and every colour not in the
+    list become ``ignore_index``.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] < 3:
+        raise ValueError(f"expected an (H, W, 3) colour array, got shape {rgb.shape}")
+    code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+    out = np.full(code.shape, ignore_index, np.int64)
+    for i, (r, g, b) in enumerate(colors):
+        out[code == ((r << 16) | (g << 8) | b)] = i
+    if ignore_color is not None:
+        r, g, b = ignore_color
+        out[code == ((r << 16) | (g << 8) | b)] = ignore_index
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------
+
+
+def _pil_format(path: Path) -> str:
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image file extension {path.suffix!r} (use .png or .jpg)")
+    return fmt
+
+
+def _save_atomic(img: Image.Image, path: Path, fsync: bool, **params: object) -> Path:
+    buf = io.BytesIO()
+    img.save(buf, format=_pil_format(path), **params)
+    return atomic_write_bytes(path, buf.getvalue(), fsync=fsync)
+
+
+def write_label_png(path: str | Path, label: np.ndarray,
+                    palette: bytes | Sequence[ClassInfo] | None = None, *, fsync: bool = True) -> Path:
+    """Write a label map (H, W) with values 0..255 as a palette ("P") PNG, atomically.
+
+    Args:
+        label: integer array (or tensor) of class or instance ids; 255 = ignore.
+        palette: 768 palette bytes, a class list (see :func:`~pixelwise.data.classes.palette_bytes`),
+            or None for the VOC palette.
+
+    Raises:
+        DataError: values outside 0..255 (they do not fit a palette PNG).
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: label maps must be written as .png")
+    a = np.asarray(label)
+    if a.ndim != 2:
+        raise ValueError(f"{path}: label map must be 2-D (H, W), got shape {a.shape}")
+    if a.dtype.kind not in "biu":
+        raise ValueError(f"{path}: label map must hold integers, got dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() > 255):
+        raise DataError(path, f"label values {int(a.min())}..{int(a.max())} do not fit a palette PNG (0..255)",
+                        "use at most 255 ids per map, or write a 16-bit PNG")
+    if palette is None or not isinstance(palette, (bytes, bytearray)):
+        palette = palette_bytes(palette)  # type: ignore[arg-type]
+    img = Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8))  # mode "L" ...
+    img.putpalette(bytes(palette))  # ... becomes "P"
+    return _save_atomic(img, path, fsync)
+
+
+def write_image(path: str | Path, array: np.ndarray, *, quality: int = 95, fsync: bool = True) -> Path:
+    """Write an image atomically; the format follows the extension (.png lossless, .jpg ...).
+
+    Args:
+        array: uint8 (H, W), (H, W, 1), (H, W, 3) or (H, W, 4); float arrays are taken as
+            values in [0, 1] and scaled to 0..255.
+        quality: JPEG quality.
+    """
+    path = Path(path)
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ValueError(f"{path}: expected an (H, W[, 1|3|4]) image array, got shape {np.shape(array)}")
+    if a.dtype.kind == "f":
+        a = np.clip(np.rint(a * 255.0), 0, 255).astype(np.uint8)
+    elif a.dtype != np.uint8:
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError(f"{path}: integer image values must be 0..255")
+        a = a.astype(np.uint8)
+    img = Image.fromarray(np.ascontiguousarray(a))
+    fmt = _pil_format(path)
+    params: dict[str, object] = {}
+    if fmt == "JPEG":
+        if img.mode == "RGBA":
+            img = img.convert("RGB")
+        params["quality"] = quality
+    return _save_atomic(img, path, fsync, **params)
