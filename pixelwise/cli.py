@@ -1,0 +1,206 @@
+"""Command-line interface: a thin layer that parses flags, calls the Python API and prints.
+
+    pixelwise demo | train | evaluate | predict | models | data {synth,stats}
+
+Errors a user can fix are printed as one line (``error: FILE: problem``) with exit code 2;
+``--debug`` shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+import yaml
+
+from pixelwise.errors import PixelwiseError
+
+
+def _kv(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.strip(), yaml.safe_load(v)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model on a dataset",
+                       description="Train a segmentation model. Flags override the --config file.")
+    p.add_argument("--config", help="YAML file with the same keys as the flags (model, data, epochs, ...)")
+    p.add_argument("--model", help="registered model name (see `pixelwise models`)")
+    p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="model constructor option, e.g. width=0.25 or backbone=resnet18 (repeatable)")
+    p.add_argument("--data", help="dataset folder (VOC layout)")
+    p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, config.json")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--loss", choices=["ce", "weighted_ce", "dice", "ce_dice"])
+    p.add_argument("--class-weights", help="'median_frequency' (SegNet balancing) or none")
+    p.add_argument("--crop-size", type=int)
+    p.add_argument("--image-mode", choices=["RGB", "L"])
+    p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from pixelwise.engine.config import load_config
+    from pixelwise.engine.train import train
+
+    overrides = {k: getattr(a, k) for k in (
+        "model", "data", "out", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "loss",
+        "class_weights", "crop_size", "image_mode", "time_limit", "num_workers", "seed", "device", "threads",
+        "resume")}
+    cfg = load_config(a.config, overrides)
+    if a.model_arg:
+        cfg.model_kwargs = {**cfg.model_kwargs, **dict(a.model_arg)}
+    if a.quiet:
+        cfg.progress = False
+    if not cfg.data:
+        raise PixelwiseError("no dataset: pass --data DIR (or `data:` in the config)")
+    result = train(cfg)
+    best = result["best"]
+    print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mIoU "
+          f"{best.get('miou', float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
+    return 0
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    from pixelwise.engine.evaluate import evaluate_checkpoint, format_metrics
+
+    m = evaluate_checkpoint(a.checkpoint, a.data, a.split, out=a.out, batch_size=a.batch_size,
+                            device=a.device, progress=not a.quiet)
+    print(format_metrics(m, m["class_names"]))
+    if a.out:
+        print(f"metrics written to {a.out}")
+    return 0
+
+
+def _cmd_predict(a: argparse.Namespace) -> int:
+    from pixelwise.engine.predict import predict_files
+
+    written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, alpha=a.alpha, progress=not a.quiet)
+    print(f"wrote {len(written)} label maps and overlays to {a.out}")
+    return 0
+
+
+def _cmd_models(a: argparse.Namespace) -> int:
+    from pixelwise.models.summary import models_table
+
+    print(models_table(size=a.size, flops=not a.no_flops))
+    return 0
+
+
+def _cmd_data_synth(a: argparse.Namespace) -> int:
+    from pixelwise.data.synthetic import generate_shapes
+
+    out = generate_shapes(a.out, num_train=a.num_train, num_val=a.num_val, size=a.size, seed=a.seed,
+                          overwrite=a.overwrite)
+    print(f"wrote {a.num_train} train + {a.num_val} val images of {a.size}x{a.size} to {out}")
+    return 0
+
+
+def _cmd_data_stats(a: argparse.Namespace) -> int:
+    from pixelwise.data.stats import dataset_class_stats
+    from pixelwise.engine.common import open_dataset
+
+    ds = open_dataset(a.dir, a.split)
+    stats = dataset_class_stats(ds, len(ds.classes))
+    print(f"{'id':>3} {'class':<16}{'pixel share':>12}{'median-freq weight':>20}")
+    for c, f, w in zip(ds.classes, stats["frequency"], stats["median_frequency_weights"]):
+        print(f"{c.id:>3} {c.name:<16}{f:>12.4f}{w:>20.4f}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from pixelwise.demo import run_demo
+
+    run_demo(a.out, quick=a.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pixelwise", description="CNN image segmentation: train, evaluate, predict.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"pixelwise {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="synthesise data, train, evaluate and predict (the main job)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a few seconds of training (smoke test)")
+    p.set_defaults(func=_cmd_demo)
+
+    _add_train(sub)
+    sub.choices["train"].set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val")
+    p.add_argument("--out", help="write the metrics JSON here")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="segment image files; writes label PNGs and overlays")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", required=True)
+    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
+    p.add_argument("--size", type=int, default=512, help="input size for the GFLOPs column")
+    p.add_argument("--no-flops", action="store_true")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("data", help="dataset tools")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    q = dsub.add_parser("synth", help="generate the built-in 'shapes' dataset (VOC layout)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--num-train", type=int, default=200)
+    q.add_argument("--num-val", type=int, default=50)
+    q.add_argument("--size", type=int, default=128)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=_cmd_data_synth)
+    q = dsub.add_parser("stats", help="class frequencies and SegNet median-frequency weights")
+    q.add_argument("dir")
+    q.add_argument("--split", default="train")
+    q.set_defaults(func=_cmd_data_stats)
+    return parser
+
+
+def _version() -> str:
+    from pixelwise import __version__
+
+    return __version__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except PixelwiseError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""Training loop for semantic models: poly LR, per-epoch evaluation, atomic checkpoints, resume.
+
+The loop is deliberately plain: build data -> model -> loss -> optimizer -> for each epoch
+(train with a progress bar, evaluate, log one JSON line, save ``last.pt`` and ``best.pt``).
+Everything it needs is in :class:`~pixelwise.engine.config.TrainConfig`.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pixelwise.data.transforms import build_transforms
+from pixelwise.engine.checkpoint import (
+    load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state,
+)
+from pixelwise.engine.common import make_loader, normalization_for, open_dataset, resolve_device, write_json, json_clean
+from pixelwise.engine.config import TrainConfig
+from pixelwise.engine.evaluate import evaluate_model
+from pixelwise.errors import CheckpointError, PixelwiseError
+from pixelwise.losses import build_loss
+from pixelwise.models.registry import build_model
+
+__all__ = ["train", "poly_lr_lambda", "build_optimizer"]
+
+
+def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0):
+    """LR factor of the 'poly' schedule (DeepLab/PSPNet): (1 - step/total)^power, with optional linear warmup."""
+
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, 1.0 - step / max(1, total_steps)) ** power
+
+    return f
+
+
+def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise PixelwiseError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _class_weights(cfg: TrainConfig, ds, num_classes: int) -> list[float] | None:
+    if cfg.class_weights in (None, "none"):
+        return None
+    if cfg.class_weights in ("median_frequency", "median_freq"):
+        from pixelwise.data.stats import dataset_class_stats
+
+        raw = open_dataset(cfg.data, cfg.train_split, None, cfg.image_mode)
+        return [float(w) for w in dataset_class_stats(raw, num_classes)["median_frequency_weights"]]
+    if isinstance(cfg.class_weights, (list, tuple)) and len(cfg.class_weights) == num_classes:
+        return [float(w) for w in cfg.class_weights]
+    raise PixelwiseError(
+        f"class_weights must be null, 'median_frequency' or a list of {num_classes} numbers, got {cfg.class_weights!r}"
+    )
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the best validation metrics."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    norm = normalization_for(cfg.image_mode, cfg.mean, cfg.std)
+    train_tf = build_transforms(train=True, crop_size=cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max),
+                                flip=cfg.flip, mean=norm["mean"], std=norm["std"])
+    eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
+    train_ds = open_dataset(cfg.data, cfg.train_split, train_tf, cfg.image_mode)
+    val_ds = open_dataset(cfg.data, cfg.val_split, eval_tf, cfg.image_mode)
+    classes = train_ds.classes
+    num_classes = len(classes)
+
+    model_kwargs = dict(cfg.model_kwargs)
+    if cfg.image_mode == "L":
+        model_kwargs.setdefault("in_channels", 1)
+    model = build_model(cfg.model, num_classes, **model_kwargs).to(device)
+    spec = model.pixelwise_spec
+
+    weights = _class_weights(cfg, train_ds, num_classes)
+    criterion = build_loss(cfg.loss, num_classes=num_classes, ignore_index=255, class_weights=weights,
+                           aux_weight=cfg.aux_weight).to(device)
+    optimizer = build_optimizer(model.parameters(), cfg)
+
+    train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, num_workers=cfg.num_workers,
+                               seed=cfg.seed, drop_last=True)
+    val_loader = make_loader(val_ds, max(1, cfg.batch_size), shuffle=False, num_workers=cfg.num_workers)
+    total_steps = cfg.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, poly_lr_lambda(total_steps, cfg.poly_power, cfg.warmup_steps))
+
+    start_epoch, step, best, history = 0, 0, -1.0, []
+    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
+    if cfg.resume:
+        if not last_path.is_file():
+            raise CheckpointError(f"{last_path}: nothing to resume from (no last.pt in {out})")
+        ck = load_checkpoint(last_path)
+        if ck["model"]["name"] != spec["name"] or ck["model"]["num_classes"] != num_classes:
+            raise CheckpointError(
+                f"{last_path}: written for model {ck['model']['name']!r} with {ck['model']['num_classes']} classes, "
+                f"not {spec['name']!r} with {num_classes}; use the same --model or another --out")
+        load_state_dict_checked(model, ck["state_dict"], last_path, spec["name"])
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        start_epoch, step = ck["epoch"] + 1, ck["step"]
+        best = ck.get("best_miou", -1.0)
+        set_rng_state(ck["rng"])
+        if log_path.is_file():
+            history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+            history = [h for h in history if h["epoch"] < start_epoch]
+
+    resolved = cfg.to_dict()
+    write_json(out / "config.json", resolved)
+    class_dicts = [c.to_dict() if hasattr(c, "to_dict") else dict(c.__dict__) for c in classes]
+
+    def checkpoint(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "model": spec, "state_dict": model.state_dict(), "classes": class_dicts, "normalization": norm,
+            "config": resolved, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "step": step, "rng": rng_state(), "metrics": metrics, "best_miou": best,
+            "task": "semantic",
+        }
+
+    t0 = time.time()
+    stop = False
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)  # same order when resumed
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
+                   unit="it", dynamic_ncols=True, leave=False)
+        loss_sum, n = 0.0, 0
+        for batch in bar:
+            images = batch["image"].to(device, non_blocking=True)
+            target = batch["semantic"].to(device, non_blocking=True)
+            pixel_w = batch.get("weight_map")
+            outputs = model(images)
+            loss = criterion(outputs, target, pixel_weights=None if pixel_w is None else pixel_w.to(device))
+            if not torch.isfinite(loss):
+                raise PixelwiseError(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr. "
+                    f"The last good checkpoint is kept in {last_path}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            loss_sum += loss.item()
+            n += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if cfg.time_limit and time.time() - t0 > cfg.time_limit:
+                stop = True
+                break
+        bar.close()
+        is_last = stop or epoch == cfg.epochs - 1
+        record: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(1, n),
+                                  "lr": scheduler.get_last_lr()[0], "time": round(time.time() - t0, 2)}
+        if (epoch + 1) % cfg.eval_every == 0 or is_last:
+            m = evaluate_model(model, val_loader, num_classes, device, progress=cfg.progress, desc="eval")
+            record.update({k: m[k] for k in ("pixel_accuracy", "mean_accuracy", "miou", "fwiou")})
+            record["iou"] = m["iou"]
+            if m["miou"] > best:
+                best = m["miou"]
+                record["best"] = True
+        history.append(record)
+        _write_jsonl(log_path, history)
+        save_checkpoint(last_path, checkpoint(epoch, record))
+        if record.get("best"):
+            shutil.copyfile(last_path, out / ".best.pt.tmp")
+            (out / ".best.pt.tmp").replace(best_path)
+        if cfg.progress:
+            msg = f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}"
+            if "miou" in record:
+                msg += f"  val mIoU {record['miou']:.4f}  pixel acc {record['pixel_accuracy']:.4f}"
+            tqdm.write(msg + f"  ({record['time']:.0f}s)")
+        if stop:
+            if cfg.progress:
+                tqdm.write(f"time limit of {cfg.time_limit:.0f}s reached: stopping after {step} steps")
+            break
+    evaluated = [h for h in history if "miou" in h]
+    best_rec = max(evaluated, key=lambda h: h["miou"]) if evaluated else {}
+    return {"best": best_rec, "last": history[-1] if history else {}, "steps": step,
+            "time": time.time() - t0, "out": str(out)}
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    from pixelwise.data.io import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(json_clean(r)) + "\n" for r in records))

@@ -1,0 +1,91 @@
+"""Pictures people look at: colour label maps, overlays, confusion matrices, curves."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+__all__ = ["colorize", "overlay", "save_confusion_matrix", "save_curves"]
+
+IGNORE_COLOR = (224, 224, 192)  # VOC's colour for the 'void' border
+
+
+def colorize(label: np.ndarray, colors: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:
+    """(H, W) class ids -> (H, W, 3) uint8 colours; ``ignore_index`` gets VOC's void colour."""
+    lut = np.zeros((256, 3), np.uint8)
+    lut[: len(colors)] = np.asarray(colors, np.uint8)[:256]
+    lut[ignore_index] = IGNORE_COLOR
+    return lut[np.clip(label, 0, 255).astype(np.uint8)]
+
+
+def overlay(image: np.ndarray, label: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5,
+            ignore_index: int = 255) -> np.ndarray:
+    """Blend the colour label map over an RGB (or grayscale) uint8 image."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    color = colorize(label, colors, ignore_index).astype(np.float32)
+    out = (1 - alpha) * image.astype(np.float32) + alpha * color
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def save_confusion_matrix(path: str | os.PathLike, confusion: Sequence[Sequence[int]], class_names: Sequence[str],
+                          title: str = "confusion matrix (rows: ground truth, normalised per row)") -> Path:
+    """Write the row-normalised confusion matrix as a PNG (needs matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pixelwise.data.io import atomic_write_bytes
+
+    cm = np.asarray(confusion, np.float64)
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n), dpi=100)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("ground truth")
+    ax.set_title(title, fontsize=9)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if norm[i, j] > 0.5 else "black")
+    fig.tight_layout()
+    return _save_fig(fig, path, plt, atomic_write_bytes)
+
+
+def save_curves(path: str | os.PathLike, history: list[dict], keys: Sequence[str] = ("train_loss", "miou")) -> Path:
+    """Plot per-epoch curves (one panel per key) from ``metrics.jsonl`` records."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pixelwise.data.io import atomic_write_bytes
+
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), dpi=100)
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        pts = [(h["epoch"] + 1, h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="o")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save_fig(fig, path, plt, atomic_write_bytes)
+
+
+def _save_fig(fig, path, plt, atomic_write_bytes) -> Path:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+    return Path(path)
