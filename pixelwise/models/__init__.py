@@ -4,5 +4,6 @@ from pixelwise.models.registry import build_model, list_models, model_info, regi
 # Architecture modules register themselves on import. Keep this list in one place.
 from pixelwise.models import fcn  # noqa: F401,E402
 from pixelwise.models import segnet, unet  # noqa: F401,E402
+from pixelwise.models import deeplab, pspnet  # noqa: F401,E402
 
 __all__ = ["build_model", "list_models", "model_info", "register_model"]
