@@ -22,7 +22,7 @@ __all__ = ["DEMO_CONFIG", "run_demo"]
 DEMO_CONFIG: dict[str, Any] = dict(
     model="fcn8s",
     model_kwargs={"backbone": "vgg16_bn", "width": 0.25},
-    epochs=30,
+    epochs=8,
     batch_size=8,
     lr=0.002,
     optimizer="adamw",
@@ -31,7 +31,7 @@ DEMO_CONFIG: dict[str, Any] = dict(
     scale_max=1.25,
     crop_size=None,
     num_workers=1,
-    time_limit=200.0,
+    time_limit=190.0,
     threads=2,
 )
 DEMO_DATA = dict(num_train=240, num_val=60, size=128, seed=0)
@@ -80,6 +80,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
     print("[4/4] predicting overlays for 8 val images")
     ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:8]
     predict_files(ckpt, [data / "JPEGImages" / f"{i}.png" for i in ids], out / "predictions", progress=False)
+    pictures.append(_save_val_grid(out / "val_grid.png", data, ids, out / "predictions"))
 
     elapsed = time.time() - t0
     summary = (
@@ -87,6 +88,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
         f"{metrics['pixel_accuracy']:.4f} ({result['steps']} training steps).\n"
         f"Look at:\n"
         f"  {out / 'predictions'}/*_overlay.png   predicted classes over the val images\n"
+        f"  (val_grid.png: image | ground truth | prediction for 8 val images)\n"
         + "".join(f"  {p}\n" for p in pictures)
         + f"  {out / 'metrics.json'}   all metrics, per-class IoU and the confusion matrix\n"
         f"  {out / 'run'}   checkpoints (best.pt, last.pt), metrics.jsonl, config.json\n"
@@ -95,3 +97,20 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
     print(summary)
     (out / "SUMMARY.txt").write_text(summary)
     return {"metrics": metrics, "time": elapsed, "train": result}
+
+
+def _save_val_grid(path: Path, data: Path, ids: list[str], pred_dir: Path) -> Path:
+    """image | ground truth | prediction, one row per val image."""
+    from pixelwise.data.classes import load_classes
+    from pixelwise.data.io import read_image, read_label, write_image
+    from pixelwise.viz import colorize, comparison_grid
+
+    colors = [c.color for c in load_classes(data / "classes.json")]
+    rows = []
+    for i in ids:
+        img = read_image(data / "JPEGImages" / f"{i}.png")
+        gt = read_label(data / "SegmentationClass" / f"{i}.png")
+        pred = read_label(pred_dir / f"{i}.png")
+        rows.append([img, colorize(gt, colors), colorize(pred, colors)])
+    write_image(path, comparison_grid(rows))
+    return path

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["colorize", "overlay", "save_confusion_matrix", "save_curves"]
+__all__ = ["colorize", "overlay", "label_boundaries", "comparison_grid", "save_confusion_matrix", "save_curves"]
 
 IGNORE_COLOR = (224, 224, 192)  # VOC's colour for the 'void' border
 
@@ -20,16 +20,40 @@ def colorize(label: np.ndarray, colors: Sequence[Sequence[int]], ignore_index: i
     return lut[np.clip(label, 0, 255).astype(np.uint8)]
 
 
+def label_boundaries(label: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels whose right or lower neighbour has another label."""
+    b = np.zeros(label.shape, bool)
+    b[:, :-1] |= label[:, :-1] != label[:, 1:]
+    b[:-1, :] |= label[:-1, :] != label[1:, :]
+    return b
+
+
 def overlay(image: np.ndarray, label: np.ndarray, colors: Sequence[Sequence[int]], alpha: float = 0.5,
-            ignore_index: int = 255) -> np.ndarray:
-    """Blend the colour label map over an RGB (or grayscale) uint8 image."""
+            ignore_index: int = 255, boundaries: bool = True) -> np.ndarray:
+    """Blend the colour label map over an RGB (or grayscale) uint8 image; region boundaries
+    are drawn in white so the segmentation stays visible where class colours resemble the image."""
     if image.ndim == 2:
         image = np.repeat(image[..., None], 3, axis=2)
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
     color = colorize(label, colors, ignore_index).astype(np.float32)
-    out = (1 - alpha) * image.astype(np.float32) + alpha * color
-    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    out = np.clip((1 - alpha) * image.astype(np.float32) + alpha * color + 0.5, 0, 255).astype(np.uint8)
+    if boundaries:
+        out[label_boundaries(label)] = 255
+    return out
+
+
+def comparison_grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 4) -> np.ndarray:
+    """Tile equally sized (H, W, 3) uint8 panels into a grid (e.g. image | ground truth | prediction)."""
+    h = max(p.shape[0] for r in rows for p in r)
+    w = max(p.shape[1] for r in rows for p in r)
+    ncol = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + gap) - gap, ncol * (w + gap) - gap, 3), 255, np.uint8)
+    for i, r in enumerate(rows):
+        for j, p in enumerate(r):
+            p = p if p.ndim == 3 else np.repeat(p[..., None], 3, 2)
+            grid[i * (h + gap): i * (h + gap) + p.shape[0], j * (w + gap): j * (w + gap) + p.shape[1]] = p[..., :3]
+    return grid
 
 
 def save_confusion_matrix(path: str | os.PathLike, confusion: Sequence[Sequence[int]], class_names: Sequence[str],

@@ -1,0 +1,17 @@
+"""The demo's whole pipeline in its --quick form: data, training, evaluation, pictures, summary."""
+import json
+
+from pixelwise.cli import main
+
+
+def test_demo_quick_writes_everything(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= m["miou"] <= 1.0 and len(m["iou"]) == 6
+    for f in ("run/best.pt", "run/last.pt", "run/metrics.jsonl", "confusion_matrix.png", "curves.png",
+              "val_grid.png", "SUMMARY.txt"):
+        assert (out / f).is_file(), f
+    assert len(list((out / "predictions").glob("*_overlay.png"))) == 4
+    text = capsys.readouterr().out
+    assert "Look at:" in text and "val_grid.png" in text
