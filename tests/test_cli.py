@@ -214,3 +214,21 @@ def _split_of(root: Path, sample_id: str) -> str:
         if sample_id in (root / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split():
             return split
     raise AssertionError(sample_id)
+
+
+def test_data_stats_prints_frequencies_and_median_frequency_weights(tiny_data, capsys):
+    assert run("data", "stats", tiny_data) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[1:]]
+    assert [r[1] for r in rows] == ["sky", "grass", "water", "circle", "rectangle", "triangle"]
+    shares = [float(r[2]) for r in rows]
+    weights = [float(r[3]) for r in rows]
+    assert abs(sum(shares) - 1) < 1e-3
+    # median-frequency balancing: the median class has weight ~1, rarer classes weigh more
+    assert min(weights) < 1 < max(weights)
+    assert weights[shares.index(min(shares))] == max(weights)
+
+
+def test_median_frequency_class_weights_train(tiny_data, tmp_path):
+    assert run(*train_args(tiny_data, tmp_path / "r", 1, "--class-weights", "median_frequency")) == 0
+    assert (tmp_path / "r" / "best.pt").is_file()
