@@ -30,8 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.models.backbones import build_encoder
-from pixelwise.models.blocks import ConvBNReLU
-from pixelwise.models.pspnet import PooledBatchNorm2d, resolve_output_stride
+from pixelwise.models.blocks import ConvBNReLU, PooledBatchNorm2d, resolve_output_stride
 from pixelwise.models.registry import register_model
 
 __all__ = [

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pixelwise.errors import CheckpointError
 from pixelwise.models.backbones.base import Encoder
-from pixelwise.models.backbones.vgg import adapt_input_conv_weight, load_state_dict_checked
+from pixelwise.models.backbones.weights import adapt_input_conv_weight, load_state_dict_checked
 
 __all__ = [
     "EfficientNetLite0Encoder",

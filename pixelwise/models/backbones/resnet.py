@@ -9,7 +9,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from pixelwise.models.backbones.base import Encoder
-from pixelwise.models.backbones.vgg import adapt_input_conv_weight, load_state_dict_checked
+from pixelwise.models.backbones.weights import adapt_input_conv_weight, load_state_dict_checked
 
 __all__ = ["ResNetEncoder"]
 
