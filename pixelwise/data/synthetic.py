@@ -21,6 +21,7 @@ random generator, :func:`iter_shapes` yields the samples of a split deterministi
       SegmentationClass/{id}.png        palette PNG of class ids; 255 on a 2 px band around things
       SegmentationObject/{id}.png       palette PNG of instance ids 1..K, 0 = none, 255 on the band
       ImageSets/Segmentation/train.txt  one id a line (and val.txt)
+      annotations/instances_train.json  the things as COCO instances (and _val; :func:`write_coco_split`)
       classes.json
 
 Everything is a pure function of ``seed``: rerunning gives the same bytes.
@@ -47,6 +48,7 @@ __all__ = [
     "generate_shapes",
     "iter_shapes",
     "render_sample",
+    "write_coco_split",
     "write_voc_sample",
 ]
 
@@ -380,5 +382,25 @@ def generate_shapes(out_dir: str | Path, num_train: int = 200, num_val: int = 50
                 write_voc_sample(tmp, sample_id, sample)
                 ids.append(sample_id)
             atomic_write_text(sets / f"{split}.txt", "".join(f"{i}\n" for i in ids), fsync=False)
+            write_coco_split(tmp, split, num, size, seed)  # annotations/instances_{split}.json
         save_classes(SHAPES_CLASSES, tmp / "classes.json")
     return out_dir
+
+
+def write_coco_split(root: str | Path, split: str, num: int, size: int | tuple[int, int] = 128,
+                     seed: int = 0) -> Path:
+    """Write ``root/annotations/instances_{split}.json``: the things of the split as COCO
+    instances (exact pixel-edge polygons where a mask is one region without holes, RLE
+    otherwise); ``file_name`` is ``JPEGImages/{id}.png``, category ids are the class ids."""
+    from pixelwise.data.formats.coco import annotation_from_mask, write_coco_instances
+
+    images, anns = [], []
+    for index, (sample_id, sample) in enumerate(iter_shapes(split, num, size, seed), start=1):
+        h, w = sample.instance_map.shape
+        images.append({"id": index, "file_name": f"JPEGImages/{sample_id}.png", "height": int(h), "width": int(w)})
+        for inst, mask in zip(sample.instances, sample.masks()):
+            anns.append(annotation_from_mask(mask, index, inst.class_id, len(anns) + 1))
+    cats = [{"id": c.id, "name": c.name, "supercategory": "shape", "isthing": 1, "color": list(c.color)}
+            for c in SHAPES_CLASSES if c.isthing]
+    return write_coco_instances(Path(root) / "annotations" / f"instances_{split}.json", images, anns, cats,
+                                info={"description": "pixelwise shapes", "seed": seed})
