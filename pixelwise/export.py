@@ -1,0 +1,345 @@
+"""ONNX export of semantic models, and an onnxruntime predictor that needs no PyTorch.
+
+``pixelwise export --checkpoint CKPT --format onnx --out model.onnx [--dynamic]``:
+
+* the model is exported in eval mode with BatchNorm folded into the convolutions
+  (:func:`pixelwise.inference.fold_conv_bn`), input ``image`` (N, C, H, W) float32
+  (normalised), output ``logits`` (N, K, H, W);
+* ``--dynamic``: N, H and W are free (``unet_original``: any VALID tile size - see its
+  ``valid_input_sizes``; the predictor mirror-pads images to one);
+* the ONNX file carries what prediction needs as metadata (``pixelwise`` JSON: model spec,
+  classes, normalization, image mode, the unpadded U-Net's margin and valid sizes), so
+  ``pixelwise predict --onnx model.onnx`` needs neither the checkpoint nor PyTorch on its hot
+  path: decoding, normalising, onnxruntime, argmax and PNG writing are NumPy/PIL.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["export_onnx", "export_checkpoint", "OnnxSegmenter", "predict_files_onnx", "onnx_metadata"]
+
+_META_KEY = "pixelwise"
+
+
+def _export_size(model: Any, size: int) -> int:
+    """A size the model takes (``unet_original``: the nearest valid tile side >= ``size``)."""
+    if hasattr(model, "valid_input_sizes") and hasattr(model, "output_margin"):
+        return int(model.valid_input_sizes(min_size=size, max_size=size + 4096)[0])
+    return size
+
+
+def _pool_matrix(ones: Any, k: int) -> Any:
+    """(k, n) averaging matrix of adaptive average pooling from n to k cells, built from the
+    data (``ones``: a length-n vector of ones) so that a traced graph keeps n dynamic: cell
+    i averages [floor(i n / k), ceil((i + 1) n / k))."""
+    import torch
+
+    j = torch.cumsum(ones, 0) - 1  # 0..n-1
+    n = j[-1:] + 1
+    i = torch.arange(k, dtype=ones.dtype, device=ones.device)[:, None]
+    start = torch.floor(i * n / k)
+    end = -torch.floor(-(i + 1) * n / k)
+    m = ((j[None] >= start) & (j[None] < end)).to(ones.dtype)
+    return m / m.sum(1, keepdim=True)
+
+
+def _exportable_adaptive_pool(module: Any) -> Any:
+    """An ``AdaptiveAvgPool2d`` that the ONNX exporter can export with dynamic H, W (two
+    small matrix products; output 1: a plain mean)."""
+    import torch
+
+    class AdaptiveAvgPool2dAsMatmul(torch.nn.Module):
+        def __init__(self, output_size: Any):
+            super().__init__()
+            oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+            self.oh, self.ow = oh, ow
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.oh == 1 and self.ow == 1:
+                return x.mean((-2, -1), keepdim=True)
+            ph = _pool_matrix(torch.ones_like(x[0, 0, :, 0]), self.oh)  # (oh, H)
+            pw = _pool_matrix(torch.ones_like(x[0, 0, 0, :]), self.ow)  # (ow, W)
+            return torch.matmul(torch.matmul(ph, x), pw.t())
+
+    return AdaptiveAvgPool2dAsMatmul(module.output_size)
+
+
+def _swap_adaptive_pools(model: Any) -> int:
+    import torch
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.nn.AdaptiveAvgPool2d) and None not in (
+                    (child.output_size,) if isinstance(child.output_size, int) else tuple(child.output_size)):
+                setattr(parent, name, _exportable_adaptive_pool(child))
+                n += 1
+    return n
+
+
+def _swap_unpools(model: Any) -> int:
+    """SegNet's max-unpooling as a scatter into a zero map of the pre-pool size (ONNX
+    ScatterElements), so that the pre-pool size stays dynamic in the exported graph."""
+    import torch
+
+    from pixelwise.models.segnet import IndexUnpool
+
+    class ScatterUnpool(torch.nn.Module):
+        def forward(self, x: torch.Tensor, indices: torch.Tensor, size: Any) -> torch.Tensor:
+            n, c = x.shape[0], x.shape[1]
+            h, w = size[-2], size[-1]
+            out = torch.zeros_like(x[:, :, :1, :1]).flatten(2).expand(n, c, h * w).contiguous()
+            out = out.scatter(2, indices.flatten(2), x.flatten(2))
+            return out.reshape(n, c, h, w)
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, IndexUnpool):
+                setattr(parent, name, ScatterUnpool())
+                n += 1
+    return n
+
+
+def _unet_up_forward(self: Any, x: Any, skip: Any) -> Any:
+    """``UNetUp.forward`` with the crop sizes kept as traced shape values (no ``int()``)."""
+    import torch
+
+    x = self.up(x)
+    if self.padded:
+        x = x[..., : skip.shape[-2], : skip.shape[-1]]
+    else:
+        h, w = x.shape[-2], x.shape[-1]
+        top, left = (skip.shape[-2] - h) // 2, (skip.shape[-1] - w) // 2
+        skip = skip[..., top: top + h, left: left + w]
+    return self.conv(torch.cat([skip, x], dim=1))
+
+
+def _decoder_stage_forward(self: Any, x: Any, skip: Any = None, size: Any = None) -> Any:
+    """``UNetDecoderStage.forward`` with the target size kept as traced shape values."""
+    import torch
+    import torch.nn.functional as F
+
+    target = skip.shape[-2:] if skip is not None else size
+    th, tw = target[-2], target[-1]
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if (h, w) == ((int(th) + 1) // 2, (int(tw) + 1) // 2):
+        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)[..., :th, :tw]
+    elif (h, w) != (int(th), int(tw)):
+        x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
+    if skip is not None:
+        x = torch.cat([x, skip], dim=1)
+    return self.conv(x)
+
+
+def _make_exportable(model: Any, dynamic: bool) -> None:
+    """Swap in export-friendly equivalents of the layers whose eager code turns sizes into
+    Python ints (they would be frozen into the graph) or that the exporter cannot express
+    with dynamic sizes. Same weights, same outputs."""
+    import types
+
+    from pixelwise.models.unet import UNetDecoderStage, UNetUp
+
+    _swap_unpools(model)
+    if dynamic:
+        _swap_adaptive_pools(model)
+    for m in model.modules():
+        if isinstance(m, UNetUp):
+            m.forward = types.MethodType(_unet_up_forward, m)
+        elif isinstance(m, UNetDecoderStage):
+            m.forward = types.MethodType(_decoder_stage_forward, m)
+
+
+def onnx_metadata(model: Any, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON stored in the ONNX file's metadata: enough to predict without the checkpoint."""
+    meta: dict[str, Any] = {
+        "format": 1,
+        "task": getattr(model, "pixelwise_task", "semantic"),
+        "model": getattr(model, "pixelwise_spec", None),
+    }
+    if ckpt is not None:
+        meta["model"] = ckpt.get("model", meta["model"])
+        meta["classes"] = ckpt.get("classes")
+        meta["normalization"] = ckpt.get("normalization")
+    if hasattr(model, "valid_input_sizes") and hasattr(model, "output_margin"):
+        meta["output_margin"] = int(model.output_margin)
+        meta["valid_sizes"] = [int(n) for n in model.valid_input_sizes(1, 4096)]
+    return meta
+
+
+def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, size: int | Sequence[int] = 64,
+                in_channels: int | None = None, opset: int = 17, metadata: dict[str, Any] | None = None,
+                fold: bool = True) -> Path:
+    """Export a semantic ``model`` (eval mode; a deep copy is folded) to ONNX at ``out``.
+
+    ``size``: the example input's (H, W) (``unet_original``: rounded up to a valid size);
+    ``dynamic``: free batch, height and width. Written atomically (temporary name, rename).
+    """
+    import copy
+
+    import torch
+
+    from pixelwise.inference import _in_channels, fold_conv_bn
+
+    if getattr(model, "pixelwise_task", "semantic") != "semantic":
+        raise NotImplementedError("ONNX export covers the semantic models; Mask R-CNN export is not implemented yet")
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    h, w = _export_size(model, h), _export_size(model, w)
+    c = in_channels if in_channels is not None else _in_channels(model)
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if fold:
+        fold_conv_bn(model, x)
+    _make_exportable(model, dynamic)
+
+    class _Logits(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            y = self.m(t)
+            return y["out"] if isinstance(y, dict) else y
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "out_height", 3: "out_width"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer / deprecation chatter
+        torch.onnx.export(_Logits(model), (x,), str(tmp), dynamo=False, input_names=["image"],
+                          output_names=["logits"], dynamic_axes=axes if dynamic else None, opset_version=opset,
+                          do_constant_folding=True)
+    import onnx
+
+    proto = onnx.load(str(tmp))
+    meta = dict(metadata or onnx_metadata(model))
+    meta["dynamic"] = bool(dynamic)
+    meta["export_size"] = [h, w]
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = _META_KEY, json.dumps(meta)
+    onnx.save(proto, str(tmp))
+    os.replace(tmp, out)
+    return out
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str = "onnx",
+                      dynamic: bool = False, size: int | None = None, opset: int = 17) -> Path:
+    """Export the model of a pixelwise checkpoint (``format="onnx"``), with its classes and
+    normalisation in the file's metadata. ``size``: example input side (default 512; a
+    fixed-size export only runs at that size)."""
+    from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
+    from pixelwise.errors import PixelwiseError
+
+    if format != "onnx":
+        raise PixelwiseError(f"unknown export format {format!r}; available: onnx")
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("task") == "instance":
+        raise PixelwiseError(f"{checkpoint}: ONNX export of Mask R-CNN is not implemented yet (semantic models only)")
+    model = model_from_checkpoint(ckpt, checkpoint).eval()
+    in_ch = 1 if ckpt.get("normalization", {}).get("image_mode") == "L" else None
+    return export_onnx(model, out, dynamic=dynamic, size=size or 512, in_channels=in_ch, opset=opset,
+                       metadata=onnx_metadata(model, ckpt))
+
+
+# --- running an exported model ------------------------------------------------------------------
+
+
+class OnnxSegmenter:
+    """An exported semantic model in onnxruntime: ``logits(x)`` on normalised float32 NCHW
+    arrays, ``predict(image)`` from a uint8 (H, W[, C]) image to (H, W) class ids. Images of
+    any size are mirror-padded for ``unet_original`` (one valid tile around the image) and
+    run as they are otherwise (a fixed-size export needs its export size)."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        raw = self.session.get_modelmeta().custom_metadata_map.get(_META_KEY)
+        self.meta: dict[str, Any] = json.loads(raw) if raw else {}
+        self.input_name = self.session.get_inputs()[0].name
+        norm = self.meta.get("normalization") or {}
+        self.image_mode = norm.get("image_mode", "RGB")
+        self.mean = np.asarray(norm.get("mean", (0.485, 0.456, 0.406)), np.float32)
+        self.std = np.asarray(norm.get("std", (0.229, 0.224, 0.225)), np.float32)
+
+    @property
+    def classes(self) -> list[dict[str, Any]] | None:
+        return self.meta.get("classes")
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def normalize(self, image: np.ndarray) -> np.ndarray:
+        """uint8 (H, W[, C]) -> float32 (1, C, H, W) with the checkpoint's mean/std."""
+        x = image.astype(np.float32) * (1.0 / 255.0)
+        x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+        c = x.shape[0]
+        x = (x - self.mean[:c, None, None]) / self.std[:c, None, None]
+        return x[None]
+
+    def _padded_logits(self, x: np.ndarray) -> np.ndarray:
+        margin = self.meta.get("output_margin")
+        if margin is None:
+            return self.logits(x)
+        h, w = x.shape[-2:]
+        valid = self.meta["valid_sizes"]
+        need_h = next(n for n in valid if n - margin >= h)
+        need_w = next(n for n in valid if n - margin >= w)
+        top, left = margin // 2, margin // 2
+        pad = ((0, 0), (0, 0), (top, need_h - h - top), (left, need_w - w - left))
+        y = self.logits(np.pad(x, pad, mode="symmetric" if min(h, w) < 2 else "reflect"))
+        return y[..., :h, :w]
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """(H, W) int64 class ids of a uint8 image."""
+        y = self._padded_logits(self.normalize(image))[0]
+        return (y[0] > 0).astype(np.int64) if y.shape[0] == 1 else y.argmax(0)
+
+
+def predict_files_onnx(onnx_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
+                       alpha: float = 0.5, progress: bool = True, threads: int | None = None) -> list[Path]:
+    """``predict_files`` with an exported model: ``OUT/{stem}.png`` (palette labels) and
+    ``OUT/{stem}_overlay.png`` per image; onnxruntime + NumPy, no PyTorch in the loop."""
+    from tqdm import tqdm
+
+    from pixelwise.data.classes import ClassInfo, palette_bytes
+    from pixelwise.data.io import read_image, write_image, write_label_png
+    from pixelwise.engine.predict import collect_inputs
+    from pixelwise.errors import PixelwiseError
+    from pixelwise.viz import overlay
+
+    seg = OnnxSegmenter(onnx_path, threads)
+    if seg.meta.get("task", "semantic") != "semantic":
+        raise PixelwiseError(f"{onnx_path}: only semantic ONNX models can be used for prediction")
+    classes_meta = seg.classes
+    if not classes_meta:
+        n = int(seg.session.get_outputs()[0].shape[1]) if isinstance(seg.session.get_outputs()[0].shape[1], int) else 2
+        rng = np.random.default_rng(0)
+        classes_meta = [{"id": i, "name": str(i), "color": [int(v) for v in rng.integers(0, 256, 3)]} for i in range(n)]
+    classes = [ClassInfo(c["id"], c["name"], bool(c.get("isthing", False)), tuple(c["color"])) for c in classes_meta]
+    colors = [c.color for c in classes]
+    pal = palette_bytes(classes)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in tqdm(collect_inputs(inputs), desc="predict (onnx)", unit="img", disable=not progress):
+        image = read_image(f, mode=seg.image_mode)
+        label = seg.predict(image)
+        write_label_png(out / f"{f.stem}.png", label.astype(np.uint8), pal)
+        rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, 2)
+        write_image(out / f"{f.stem}_overlay.png", overlay(rgb, label, colors, alpha))
+        written.append(out / f"{f.stem}.png")
+    return written
