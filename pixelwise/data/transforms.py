@@ -2,15 +2,17 @@
 
 A sample is a dict with ``image`` (float tensor (C, H, W)) and any of the label keys
 ``semantic`` / ``instance_map`` / ``panoptic`` (integer tensors (H, W)) and ``instances``
-({"boxes" (K, 4) xyxy, "labels" (K,), "masks" (K, H, W) bool, ...}); other keys (``meta``,
-``segments``) are passed on unchanged. Every transform returns a new dict.
+({"boxes" (K, 4) xyxy, "labels" (K,), "masks" (K, H, W) bool, ...}), and optionally U-Net's
+per-pixel loss weights ``weight_map`` (float32 (H, W), :mod:`pixelwise.data.weightmap`);
+other keys (``meta``, ``segments``) are passed on unchanged. Every transform returns a new dict.
 
 Geometric transforms move the image with bilinear interpolation and the labels with NEAREST
 neighbour sampling only, so a label map never gains a value it did not have (apart from the
 fill value of padded areas: 255 = ignore for ``semantic`` and ``instance_map``, 0 = void for
-``panoptic``, False for instance masks). Instance boxes are recomputed from the transformed
-masks (x2, y2 exclusive, like a COCO box [x, y, w, h] -> [x, y, x + w, y + h]) and instances
-left without pixels are dropped.
+``panoptic``, False for instance masks). ``weight_map`` moves exactly like a label map
+(nearest neighbour, fill 0), so every weight stays on the pixel whose label it weighs.
+Instance boxes are recomputed from the transformed masks (x2, y2 exclusive, like a COCO box
+[x, y, w, h] -> [x, y, x + w, y + h]) and instances left without pixels are dropped.
 
 Randomness comes from torch's global generator (``torch.rand`` & co.), so
 ``torch.manual_seed`` makes a pipeline reproducible and DataLoader workers, which torch
@@ -29,6 +31,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LABEL_FILL",
+    "MirrorPad",
     "ColorJitter",
     "Compose",
     "ElasticDeform",
@@ -39,6 +42,8 @@ __all__ = [
     "Resize",
     "Transform",
     "build_transforms",
+    "mirror_pad",
+    "reflect_index",
 ]
 
 Sample = dict[str, Any]
@@ -46,8 +51,9 @@ Sample = dict[str, Any]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-LABEL_FILL: dict[str, int] = {"semantic": 255, "instance_map": 255, "panoptic": 0}
-"""The dense label keys that geometric transforms move, with the value of padded pixels."""
+LABEL_FILL: dict[str, int] = {"semantic": 255, "instance_map": 255, "panoptic": 0, "weight_map": 0}
+"""The dense per-pixel keys that geometric transforms move by nearest neighbour, with the
+value of padded pixels (``weight_map``: U-Net's loss weights, 0 = no weight)."""
 
 
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -267,44 +273,104 @@ class RandomHorizontalFlip(Transform):
         return _map_geometry(sample, lambda im: im.flip(-1), lambda t, _: t.flip(-1))
 
 
-class ElasticDeform(Transform):
-    """U-Net's elastic deformation: random displacements on a coarse ``grid`` x ``grid``
-    grid, Gaussian with std ``sigma`` pixels, interpolated bicubically to every pixel.
+def reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Mirror coordinates (integer or float) into [0, n - 1] about the first and last pixel
+    centres, as often as needed (numpy's ``"reflect"``: ... 2 1 | 0 1 2 ... n-1 | n-2 ...)."""
+    if n == 1:
+        return torch.zeros_like(idx)
+    period = 2 * (n - 1)
+    idx = idx.remainder(period)
+    return torch.where(idx > n - 1, period - idx, idx)
 
-    The image is resampled bilinearly, labels by nearest neighbour; sampling positions
-    outside the image are mirrored back inside. Applied with probability ``p``.
+
+def mirror_pad(t: torch.Tensor, top: int, bottom: int, left: int, right: int) -> torch.Tensor:
+    """Pad the last two dims by mirroring (``"reflect"``), for ANY pad size (also larger than
+    the map, where ``F.pad(mode="reflect")`` refuses)."""
+    h, w = t.shape[-2:]
+    if min(top, bottom, left, right) < 0:
+        raise ValueError(f"pads must be >= 0, got {(top, bottom, left, right)}")
+    iy = reflect_index(torch.arange(-top, h + bottom, device=t.device), h)
+    ix = reflect_index(torch.arange(-left, w + right, device=t.device), w)
+    return t[..., iy[:, None], ix[None, :]]
+
+
+class MirrorPad(Transform):
+    """Pad the image by mirroring ``pad`` pixels on every side (U-Net's border handling);
+    label maps are padded with their fill value (255 = ignore, weight 0), so the mirrored
+    context feeds the network but never counts in the loss.
+
+    Used before :class:`RandomCrop` when training the unpadded ``unet_original``: its output
+    is the valid centre of the input, so with ``pad`` = half the size loss every image pixel,
+    border pixels included, can land in the output of some crop.
     """
 
-    def __init__(self, sigma: float = 10.0, grid: int = 3, p: float = 1.0) -> None:
+    def __init__(self, pad: int) -> None:
+        if pad < 0:
+            raise ValueError(f"pad must be >= 0, got {pad}")
+        self.pad = int(pad)
+
+    def __call__(self, sample: Sample) -> Sample:
+        p = self.pad
+        if p == 0:
+            return dict(sample)
+        h, w = _image_size(sample)
+        return _map_geometry(sample, lambda im: mirror_pad(im, p, p, p, p),
+                             lambda t, fill: _crop(t, -p, -p, h + 2 * p, w + 2 * p, fill))
+
+
+class ElasticDeform(Transform):
+    """U-Net's elastic deformation (Ronneberger et al. 2015, §3.1; SPEC §3): random
+    displacement vectors on a coarse ``grid`` x ``grid`` grid (3 x 3), each component drawn
+    from a Gaussian with std ``sigma`` pixels (10), interpolated to a per-pixel displacement
+    field by BICUBIC interpolation (the coarse points sit on the corners and centre of the
+    image), then applied identically to the image and every label map.
+
+    Output pixel (y, x) samples the input at (y + dy, x + dx). The image is resampled with
+    ``interpolation`` ("bilinear" or "bicubic"; bicubic overshoot is clamped to the image's
+    value range); label maps (``semantic``, ``instance_map``, ``panoptic``, instance masks)
+    and ``weight_map`` are sampled by NEAREST neighbour (rounding the same positions), so
+    they never gain a value. Positions outside the image are mirrored back inside
+    (:func:`reflect_index`), so there is no padded border. Applied with probability ``p``.
+    """
+
+    def __init__(self, sigma: float = 10.0, grid: int = 3, p: float = 1.0, interpolation: str = "bilinear") -> None:
         if grid < 2:
             raise ValueError(f"grid must be >= 2, got {grid}")
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma}")
+        if interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {interpolation!r}")
         self.sigma = sigma
         self.grid = grid
         self.p = p
+        self.interpolation = interpolation
 
-    @staticmethod
-    def _mirror(x: torch.Tensor, n: int) -> torch.Tensor:
-        if n == 1:
-            return torch.zeros_like(x)
-        period = 2 * (n - 1)
-        x = x.remainder(period)
-        return torch.where(x > n - 1, period - x, x)
+    def displacement(self, h: int, w: int) -> torch.Tensor:
+        """A random field (2, h, w) of (dy, dx) pixel displacements: Gaussian coarse grid
+        (std ``sigma``) upsampled bicubically."""
+        coarse = torch.randn(1, 2, self.grid, self.grid) * self.sigma
+        return F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0]
 
     def __call__(self, sample: Sample) -> Sample:
         if float(torch.rand(())) >= self.p:
             return dict(sample)
         h, w = _image_size(sample)
         image = sample["image"]
-        coarse = torch.randn(1, 2, self.grid, self.grid) * self.sigma
-        field = F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0].to(image.device)
-        ys = self._mirror(torch.arange(h, device=image.device, dtype=torch.float32)[:, None] + field[0], h)
-        xs = self._mirror(torch.arange(w, device=image.device, dtype=torch.float32)[None, :] + field[1], w)
+        field = self.displacement(h, w).to(image.device)
+        ys = reflect_index(torch.arange(h, device=image.device, dtype=torch.float32)[:, None] + field[0], h)
+        xs = reflect_index(torch.arange(w, device=image.device, dtype=torch.float32)[None, :] + field[1], w)
         grid = torch.stack([xs / max(w - 1, 1) * 2 - 1, ys / max(h - 1, 1) * 2 - 1], dim=-1)[None]
         iy, ix = ys.round().long().clamp_(0, h - 1), xs.round().long().clamp_(0, w - 1)
+        mode = self.interpolation
 
         def warp_image(im: torch.Tensor) -> torch.Tensor:
-            return F.grid_sample(im[None].float(), grid.to(torch.float32), mode="bilinear",
-                                 padding_mode="border", align_corners=True)[0].to(im.dtype)
+            x = im[None].float()
+            out = F.grid_sample(x, grid.to(torch.float32), mode=mode, padding_mode="border", align_corners=True)
+            if mode == "bicubic":  # no overshoot beyond the input's range
+                lo = x.amin(dim=(-2, -1), keepdim=True)
+                hi = x.amax(dim=(-2, -1), keepdim=True)
+                out = torch.maximum(torch.minimum(out, hi), lo)
+            return out[0].to(im.dtype)
 
         return _map_geometry(sample, warp_image, lambda t, _: t[..., iy, ix])
 
@@ -387,20 +453,34 @@ def build_transforms(
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
     color_jitter: float = 0.0,
+    elastic: bool | Mapping[str, Any] | None = None,
+    mirror_pad: int = 0,
 ) -> Compose:
     """The standard pipelines.
 
-    train: RandomScale(*scale) -> RandomCrop(crop_size) -> RandomHorizontalFlip(0.5) ->
-    ColorJitter(color_jitter) -> Normalize(mean, std), each step left out when disabled
-    (``scale=None``, ``crop_size=None``, ``flip=False``, ``color_jitter=0``).
+    train: RandomScale(*scale) -> MirrorPad(mirror_pad) -> RandomCrop(crop_size) ->
+    ElasticDeform(**elastic) -> RandomHorizontalFlip(0.5) -> ColorJitter(color_jitter) ->
+    Normalize(mean, std), each step left out when disabled (``scale=None``,
+    ``mirror_pad=0``, ``crop_size=None``, ``elastic=None/False``, ``flip=False``,
+    ``color_jitter=0``). ``elastic=True`` means the paper's setting (3 x 3 grid, std 10 px);
+    a mapping gives :class:`ElasticDeform`'s arguments (sigma, grid, p, interpolation).
+    The deformation runs on the crop (cheap, and the crop's border is mirrored).
     eval: Normalize(mean, std) only (labels keep their full resolution).
     """
     steps: list[Transform] = []
     if train:
         if scale is not None and not (math.isclose(scale[0], 1.0) and math.isclose(scale[1], 1.0)):
             steps.append(RandomScale(*scale))
+        if mirror_pad:
+            steps.append(MirrorPad(mirror_pad))
         if crop_size is not None:
             steps.append(RandomCrop(crop_size))
+        if elastic:
+            kwargs = {} if elastic is True else dict(elastic)
+            try:
+                steps.append(ElasticDeform(**kwargs))
+            except TypeError as e:
+                raise ValueError(f"elastic: {e}; valid keys: sigma, grid, p, interpolation") from None
         if flip:
             steps.append(RandomHorizontalFlip(0.5))
         if color_jitter > 0:

@@ -17,7 +17,11 @@ from pixelwise.errors import DataError
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
 
-__all__ = ["open_dataset", "pad_collate", "make_loader", "resolve_device", "normalization_for", "write_json", "json_clean"]
+__all__ = ["open_dataset", "pad_collate", "make_loader", "resolve_device", "normalization_for", "write_json",
+           "json_clean", "RepeatDataset", "has_instance_maps"]
+
+# Fill value of padded pixels per batch key (pad_collate); every other per-pixel key gets 255 = ignore.
+PAD_FILL = {"image": 0, "weight_map": 0}
 
 
 def normalization_for(image_mode: str, mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, Any]:
@@ -29,19 +33,53 @@ def normalization_for(image_mode: str, mean: Sequence[float] | None, std: Sequen
     return {"mean": [float(m) for m in mean], "std": [float(s) for s in std], "image_mode": image_mode}
 
 
-def open_dataset(root: str | os.PathLike, split: str, transforms=None, image_mode: str = "RGB") -> Dataset:
-    """Open a semantic dataset on disk. Today: the VOC layout (ours, PASCAL VOC, labelme)."""
+def open_dataset(root: str | os.PathLike, split: str, transforms=None, image_mode: str = "RGB",
+                 with_instances: bool = False) -> Dataset:
+    """Open a semantic dataset on disk. Today: the VOC layout (ours, PASCAL VOC, labelme).
+    ``with_instances`` also loads the instance maps (``instance_map``)."""
     from pixelwise.data.formats.voc import VOCSegmentation
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found", "create one with `pixelwise data synth --out DIR`")
-    return VOCSegmentation(root, split=split, transforms=transforms, image_mode=image_mode)
+    return VOCSegmentation(root, split=split, transforms=transforms, image_mode=image_mode,
+                           with_instances=with_instances)
+
+
+def has_instance_maps(root: str | os.PathLike) -> bool:
+    """True when a VOC-layout folder has instance maps (``SegmentationObject[PNG]/*.png``)."""
+    from pixelwise.data.formats.voc import OBJECT_DIRS
+
+    return any(Path(root, d).is_dir() and any(Path(root, d).glob("*.png")) for d in OBJECT_DIRS)
+
+
+class RepeatDataset(Dataset):
+    """Each item of ``base`` ``times`` times per epoch (a dataset of a few large images,
+    sampled by random crops, then makes epochs of useful length). Attributes such as
+    ``classes`` and ``root`` are those of ``base``."""
+
+    def __init__(self, base: Dataset, times: int) -> None:
+        if int(times) < 1:
+            raise ValueError(f"repeat must be >= 1, got {times}")
+        self.base = base
+        self.times = int(times)
+
+    def __len__(self) -> int:
+        return len(self.base) * self.times
+
+    def __getitem__(self, index: int):
+        return self.base[index % len(self.base)]
+
+    def __getattr__(self, name: str):
+        if name == "base":
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
 
 def pad_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch sample dicts; images of different sizes are padded at the bottom/right
-    (image with 0, label maps with 255 = ignore, so padding never counts in loss or metric)."""
+    (image and ``weight_map`` with 0, label maps with 255 = ignore, so padding never counts
+    in loss or metric)."""
     h = max(s["image"].shape[-2] for s in samples)
     w = max(s["image"].shape[-1] for s in samples)
     batch: dict[str, Any] = {}
@@ -51,7 +89,7 @@ def pad_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         vals = [s[key] for s in samples]
         if isinstance(vals[0], torch.Tensor) and vals[0].dim() >= 2:
-            fill = 0 if key == "image" else 255
+            fill = PAD_FILL.get(key, 255)
             vals = [F.pad(v, (0, w - v.shape[-1], 0, h - v.shape[-2]), value=fill) for v in vals]
             batch[key] = torch.stack(vals)
         else:

@@ -39,6 +39,9 @@ class TrainConfig:
     scale_min: float = 0.5
     scale_max: float = 2.0
     flip: bool = True
+    elastic: Any = None  # None | true (U-Net: 3x3 grid, std 10 px) | {sigma, grid, p, interpolation}
+    weight_map: dict[str, Any] | None = None  # U-Net border weights {w0: 10, sigma: 5, class_balance: balanced}
+    repeat: int = 1  # visit every training image this many times per epoch (few large images)
     image_mode: str = "RGB"  # RGB | L
     mean: list[float] | None = None
     std: list[float] | None = None

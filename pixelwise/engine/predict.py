@@ -1,4 +1,9 @@
-"""Prediction on image files: a palette label PNG and a colour overlay per image."""
+"""Prediction on image files: a palette label PNG and a colour overlay per image.
+
+Images of any size: ``unet_original`` always runs by overlap-tile; other models run the
+whole image, or by sliding window with ``tile``/``overlap`` (large images, bounded
+memory); ``flip``/``scales`` add test-time augmentation (see :mod:`pixelwise.postprocess`).
+"""
 from __future__ import annotations
 
 import os
@@ -13,7 +18,7 @@ from pixelwise.data.classes import ClassInfo, palette_bytes
 from pixelwise.data.io import read_image, write_image, write_label_png
 from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pixelwise.engine.common import resolve_device
-from pixelwise.engine.evaluate import logits_of
+from pixelwise.engine.evaluate import predict_labels
 from pixelwise.errors import DataError
 from pixelwise.viz import overlay
 
@@ -40,23 +45,35 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 @torch.inference_mode()
 def predict_array(model: torch.nn.Module, image: np.ndarray, normalization: dict[str, Any],
-                  device: torch.device | str = "cpu") -> np.ndarray:
-    """uint8 (H, W[, C]) image -> (H, W) int64 class ids."""
+                  device: torch.device | str = "cpu", *, tile: int | None = None, overlap: int | None = None,
+                  flip: bool = False, scales: tuple[float, ...] | None = None) -> np.ndarray:
+    """uint8 (H, W[, C]) image -> (H, W) int64 class ids (model in eval mode)."""
     x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
     x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
     mean = torch.tensor(normalization["mean"]).view(-1, 1, 1)
     std = torch.tensor(normalization["std"]).view(-1, 1, 1)
     x = ((x - mean) / std)[None].to(device)
-    return logits_of(model(x)).argmax(1)[0].cpu().numpy()
+    return predict_labels(model, x, tile, overlap, flip, scales)[0].cpu().numpy()
 
 
 def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
-                  device: str = "auto", alpha: float = 0.5, progress: bool = True) -> list[Path]:
-    """Write ``OUT/{stem}.png`` (palette label map) and ``OUT/{stem}_overlay.png`` per input image."""
+                  device: str = "auto", alpha: float = 0.5, progress: bool = True, *, tile: int | None = None,
+                  overlap: int | None = None, flip: bool = False,
+                  scales: tuple[float, ...] | None = None, fast: bool = False) -> list[Path]:
+    """Write ``OUT/{stem}.png`` (palette label map) and ``OUT/{stem}_overlay.png`` per input image.
+    ``fast``: run :func:`pixelwise.inference.optimize`'s model (same outputs within 1e-4)."""
     ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("task") == "instance":  # one colour per instance, class and score: engine/instance.py
+        from pixelwise.engine.instance import predict_instance_files
+
+        return predict_instance_files(checkpoint, inputs, out, device, alpha, progress, ckpt=ckpt)
     model = model_from_checkpoint(ckpt, checkpoint).eval()
     dev = resolve_device(device)
     model.to(dev)
+    if fast:
+        from pixelwise.inference import optimize
+
+        model = optimize(model, inplace=True)
     norm = ckpt["normalization"]
     mode = norm.get("image_mode", "RGB")
     classes = [ClassInfo(c["id"], c["name"], bool(c.get("isthing", False)), tuple(c["color"])) for c in ckpt["classes"]]
@@ -67,7 +84,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     written = []
     for f in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
         image = read_image(f, mode=mode)
-        label = predict_array(model, image, norm, dev)
+        label = predict_array(model, image, norm, dev, tile=tile, overlap=overlap, flip=flip, scales=scales)
         write_label_png(out / f"{f.stem}.png", label.astype(np.uint8), pal)
         rgb = image if mode == "RGB" else np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, 2)
         write_image(out / f"{f.stem}_overlay.png", overlay(rgb, label, colors, alpha))

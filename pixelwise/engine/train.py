@@ -3,9 +3,23 @@
 The loop is deliberately plain: build data -> model -> loss -> optimizer -> for each epoch
 (train with a progress bar, evaluate, log one JSON line, save ``last.pt`` and ``best.pt``).
 Everything it needs is in :class:`~pixelwise.engine.config.TrainConfig`.
+
+U-Net specifics (SPEC §3):
+
+- ``loss: weighted_ce`` (or any ``weight_map: {w0, sigma, class_balance}``): the training
+  set is wrapped in :class:`~pixelwise.data.weightmap.WeightMapDataset`, which computes each
+  image's border weight map once, from its instance map (``SegmentationObject``; without
+  one, from the connected components of the classes), and the transforms move it with the
+  image. A picture of the first map is saved as ``OUT/weight_map_{id}.png``.
+- ``elastic: true`` adds the elastic deformation to the training transforms.
+- ``unet_original``: the crop must be a valid input size (the largest valid size <=
+  ``crop_size`` is used), images are mirror-padded by half the size loss before cropping,
+  and the target and weight map are centre-cropped to the output (``model.crop_target``).
+  Validation uses overlap-tile inference.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -21,12 +35,16 @@ from pixelwise.data.transforms import build_transforms
 from pixelwise.engine.checkpoint import (
     load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state,
 )
-from pixelwise.engine.common import make_loader, normalization_for, open_dataset, resolve_device, write_json, json_clean
+from pixelwise.engine.common import (
+    RepeatDataset, has_instance_maps, json_clean, make_loader, normalization_for, open_dataset, resolve_device,
+    write_json,
+)
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.evaluate import evaluate_model
 from pixelwise.errors import CheckpointError, PixelwiseError
 from pixelwise.losses import build_loss
 from pixelwise.models.registry import build_model
+from pixelwise.postprocess import is_unpadded
 
 __all__ = ["train", "poly_lr_lambda", "build_optimizer"]
 
@@ -72,8 +90,43 @@ def _class_weights(cfg: TrainConfig, ds, num_classes: int) -> list[float] | None
     )
 
 
+def _weight_map_params(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The weight map settings, or None when the loss uses no weight map."""
+    if cfg.weight_map is None and cfg.loss != "weighted_ce":
+        return None
+    params = dict(cfg.weight_map or {})
+    unknown = sorted(set(params) - {"w0", "sigma", "class_balance"})
+    if unknown:
+        raise PixelwiseError(f"weight_map: unknown key(s) {', '.join(unknown)}; valid keys: w0, sigma, class_balance")
+    if cfg.loss not in ("ce", "weighted_ce", "ce_dice"):
+        raise PixelwiseError(f"weight_map weights the cross-entropy; loss {cfg.loss!r} has none: use "
+                             "'weighted_ce' or 'ce_dice'")
+    return params
+
+
+def _valid_crop_size(model, crop_size: int | None) -> int:
+    """The largest valid input size of the unpadded U-Net that is <= ``crop_size``."""
+    if crop_size is None:
+        sizes = model.valid_input_sizes(model.output_margin, model.output_margin + 400)
+        raise PixelwiseError(
+            f"unet_original needs crop_size: a valid input tile size (output = input - {model.output_margin}), "
+            f"e.g. one of {', '.join(map(str, sizes[1:8]))}")
+    n = next((m for m in range(int(crop_size), 0, -1) if model.is_valid_input_size(m)), None)
+    if n is None:
+        smallest = model.valid_input_sizes(1, int(crop_size) + 2 ** model.depth * 40)[0]
+        raise PixelwiseError(f"crop_size {crop_size} is smaller than the smallest input unet_original "
+                             f"(depth {model.depth}) can take: {smallest}")
+    return n
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns the best validation metrics."""
+    from pixelwise.models.registry import model_info
+
+    if model_info(cfg.model).task == "instance":  # Mask R-CNN & co: COCO data, engine/instance.py
+        from pixelwise.engine.instance import train_instance
+
+        return train_instance(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
@@ -82,12 +135,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     norm = normalization_for(cfg.image_mode, cfg.mean, cfg.std)
-    train_tf = build_transforms(train=True, crop_size=cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max),
-                                flip=cfg.flip, mean=norm["mean"], std=norm["std"])
+    wmap_params = _weight_map_params(cfg)
     eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
-    train_ds = open_dataset(cfg.data, cfg.train_split, train_tf, cfg.image_mode)
+    train_base = open_dataset(cfg.data, cfg.train_split, None, cfg.image_mode,
+                              with_instances=wmap_params is not None and has_instance_maps(cfg.data))
     val_ds = open_dataset(cfg.data, cfg.val_split, eval_tf, cfg.image_mode)
-    classes = train_ds.classes
+    classes = train_base.classes
     num_classes = len(classes)
 
     model_kwargs = dict(cfg.model_kwargs)
@@ -95,6 +148,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         model_kwargs.setdefault("in_channels", 1)
     model = build_model(cfg.model, num_classes, **model_kwargs).to(device)
     spec = model.pixelwise_spec
+    unpadded = is_unpadded(model)
+    if unpadded:
+        crop = _valid_crop_size(model, cfg.crop_size)
+        if crop != cfg.crop_size and cfg.progress:
+            tqdm.write(f"unet_original: crop_size {cfg.crop_size} -> {crop} (valid input size; output "
+                       f"{model.output_size(crop)} px)")
+        cfg = dataclasses.replace(cfg, crop_size=crop)
+
+    train_tf = build_transforms(train=True, crop_size=cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max),
+                                flip=cfg.flip, mean=norm["mean"], std=norm["std"], elastic=cfg.elastic,
+                                mirror_pad=model.output_margin // 2 if unpadded else 0)
+    if wmap_params is not None:
+        from pixelwise.data.weightmap import WeightMapDataset, save_weight_map_image
+
+        train_ds = WeightMapDataset(train_base, train_tf, **wmap_params)
+        first = train_base[0]
+        save_weight_map_image(out / f"weight_map_{first['meta']['id']}.png", train_ds.maps[0], first["image"])
+    else:
+        train_base.transforms = train_tf
+        train_ds = train_base
+    if cfg.repeat > 1:
+        train_ds = RepeatDataset(train_ds, cfg.repeat)
 
     weights = _class_weights(cfg, train_ds, num_classes)
     criterion = build_loss(cfg.loss, num_classes=num_classes, ignore_index=255, class_weights=weights,
@@ -152,6 +227,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             images = batch["image"].to(device, non_blocking=True)
             target = batch["semantic"].to(device, non_blocking=True)
             pixel_w = batch.get("weight_map")
+            if unpadded:  # the output is the valid centre of the input
+                target = model.crop_target(target)
+                pixel_w = None if pixel_w is None else model.crop_target(pixel_w)
             outputs = model(images)
             loss = criterion(outputs, target, pixel_weights=None if pixel_w is None else pixel_w.to(device))
             if not torch.isfinite(loss):
