@@ -109,18 +109,18 @@ def _train_one_epoch_of(cfg, train_fn):
     """Run the 2-epoch config but crash (KeyboardInterrupt) right after the epoch-0 checkpoint."""
     import pixelwise.engine.train as t
 
-    real_save = t.save_checkpoint
+    real_save = t.save_epoch
 
-    def save_then_crash(path, ck):
-        real_save(path, ck)
+    def save_then_crash(*args):
+        real_save(*args)
         raise KeyboardInterrupt
 
-    t.save_checkpoint = save_then_crash
+    t.save_epoch = save_then_crash
     try:
         with pytest.raises(KeyboardInterrupt):
             train_fn(cfg)
     finally:
-        t.save_checkpoint = real_save
+        t.save_epoch = real_save
 
 
 def cli_error(*args) -> str:

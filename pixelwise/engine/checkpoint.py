@@ -22,7 +22,7 @@ import pixelwise
 from pixelwise.errors import CheckpointError
 from pixelwise.models.registry import UnknownModelError, build_model
 
-__all__ = ["save_checkpoint", "load_checkpoint", "model_from_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "save_epoch", "load_checkpoint", "model_from_checkpoint", "rng_state", "set_rng_state"]
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
@@ -42,6 +42,24 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def save_epoch(out: str | os.PathLike, history: list[dict[str, Any]], ckpt: dict[str, Any], is_best: bool) -> None:
+    """End of an epoch, for every task: rewrite ``metrics.jsonl`` with ``history``, save
+    ``last.pt`` and, when this epoch is the best so far, copy it to ``best.pt`` (all atomic)."""
+    import json
+    import shutil
+
+    from pixelwise.data.io import atomic_write_text
+    from pixelwise.engine.common import json_clean
+
+    out = Path(out)
+    atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(json_clean(r)) + "\n" for r in history))
+    last = save_checkpoint(out / "last.pt", ckpt)
+    if is_best:
+        tmp = out / ".best.pt.tmp"
+        shutil.copyfile(last, tmp)
+        tmp.replace(out / "best.pt")
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -33,7 +32,7 @@ from tqdm import tqdm
 from pixelwise.data.formats.coco import CocoInstances
 from pixelwise.data.transforms import build_transforms
 from pixelwise.engine.checkpoint import (
-    load_checkpoint, load_state_dict_checked, model_from_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    load_checkpoint, load_state_dict_checked, model_from_checkpoint, rng_state, save_epoch, set_rng_state,
 )
 from pixelwise.engine.common import RepeatDataset, normalization_for, resolve_device, write_json
 from pixelwise.engine.config import TrainConfig
@@ -158,7 +157,7 @@ def evaluate_instance_checkpoint(checkpoint: str | os.PathLike, data: str | os.P
 def train_instance(cfg: TrainConfig) -> dict[str, Any]:
     """Train an instance model (``cfg.model``, e.g. ``maskrcnn``) on a COCO dataset; returns
     the best (by mask AP) and last validation records."""
-    from pixelwise.engine.train import _seed_everything, _write_jsonl, build_optimizer, poly_lr_lambda
+    from pixelwise.engine.train import _seed_everything, build_optimizer, poly_lr_lambda
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -192,7 +191,7 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
                                                                             cfg.warmup_steps))
 
     start_epoch, step, best, history = 0, 0, -1.0, []
-    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
+    last_path, log_path = out / "last.pt", out / "metrics.jsonl"
     if cfg.resume:
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume from (no last.pt in {out})")
@@ -266,11 +265,7 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
                 best = m["segm"]["AP"]
                 record["best"] = True
         history.append(record)
-        _write_jsonl(log_path, history)
-        save_checkpoint(last_path, checkpoint(epoch, record))
-        if record.get("best"):
-            shutil.copyfile(last_path, out / ".best.pt.tmp")
-            (out / ".best.pt.tmp").replace(best_path)
+        save_epoch(out, history, checkpoint(epoch, record), bool(record.get("best")))
         if cfg.progress:
             msg = f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}"
             if "mask_AP" in record:

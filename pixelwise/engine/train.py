@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,10 +32,10 @@ from tqdm import tqdm
 
 from pixelwise.data.transforms import build_transforms
 from pixelwise.engine.checkpoint import (
-    load_checkpoint, load_state_dict_checked, rng_state, save_checkpoint, set_rng_state,
+    load_checkpoint, load_state_dict_checked, rng_state, save_epoch, set_rng_state,
 )
 from pixelwise.engine.common import (
-    RepeatDataset, has_instance_maps, json_clean, make_loader, normalization_for, open_dataset, resolve_device,
+    RepeatDataset, has_instance_maps, make_loader, normalization_for, open_dataset, resolve_device,
     write_json,
 )
 from pixelwise.engine.config import TrainConfig
@@ -184,7 +183,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer, poly_lr_lambda(total_steps, cfg.poly_power, cfg.warmup_steps))
 
     start_epoch, step, best, history = 0, 0, -1.0, []
-    last_path, best_path, log_path = out / "last.pt", out / "best.pt", out / "metrics.jsonl"
+    last_path, log_path = out / "last.pt", out / "metrics.jsonl"
     if cfg.resume:
         if not last_path.is_file():
             raise CheckpointError(f"{last_path}: nothing to resume from (no last.pt in {out})")
@@ -259,11 +258,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 best = m["miou"]
                 record["best"] = True
         history.append(record)
-        _write_jsonl(log_path, history)
-        save_checkpoint(last_path, checkpoint(epoch, record))
-        if record.get("best"):
-            shutil.copyfile(last_path, out / ".best.pt.tmp")
-            (out / ".best.pt.tmp").replace(best_path)
+        save_epoch(out, history, checkpoint(epoch, record), bool(record.get("best")))
         if cfg.progress:
             msg = f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}"
             if "miou" in record:
@@ -277,9 +272,3 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     best_rec = max(evaluated, key=lambda h: h["miou"]) if evaluated else {}
     return {"best": best_rec, "last": history[-1] if history else {}, "steps": step,
             "time": time.time() - t0, "out": str(out)}
-
-
-def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    from pixelwise.data.io import atomic_write_text
-
-    atomic_write_text(path, "".join(json.dumps(json_clean(r)) + "\n" for r in records))
