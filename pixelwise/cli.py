@@ -1,6 +1,7 @@
 """Command-line interface: a thin layer that parses flags, calls the Python API and prints.
 
     pixelwise demo | train | evaluate | predict | models | export | data {synth,stats,import}
+    pixelwise evaluate panoptic --gt-json F --gt-dir D --pred-json F --pred-dir D  (PQ of COCO panoptic files)
 
 Errors a user can fix are printed as one line (``error: FILE: problem``) with exit code 2;
 ``--debug`` shows the full traceback instead.
@@ -124,6 +125,69 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def build_evaluate_panoptic_parser() -> argparse.ArgumentParser:
+    """The parser of ``pixelwise evaluate panoptic``: PQ of COCO panoptic files (SPEC §8).
+
+    It is a parser of its own, not a subparser of ``evaluate``: ``evaluate`` itself takes
+    flags only (``--checkpoint``, ``--data`` required), and nesting subcommands under it would
+    change how it parses. :func:`main` routes ``evaluate panoptic ...`` here.
+    """
+    p = argparse.ArgumentParser(
+        prog="pixelwise evaluate panoptic",
+        description="Panoptic quality (PQ, SQ, RQ; All / Things / Stuff) of a COCO panoptic prediction against "
+                    "its ground truth, computed as panopticapi does. Prints the table; --out writes every number, "
+                    "per class included, as JSON.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks")
+    p.add_argument("--gt-json", required=True, help="ground-truth panoptic JSON (with categories and isthing)")
+    p.add_argument("--gt-dir", required=True, help="folder of the ground-truth panoptic PNGs")
+    p.add_argument("--pred-json", required=True, help="predicted panoptic JSON (annotations with segments_info)")
+    p.add_argument("--pred-dir", required=True, help="folder of the predicted panoptic PNGs")
+    p.add_argument("--workers", type=_positive_int, help="processes (default: min(CPU count, 8); 1 = no pool)")
+    p.add_argument("--out", help="write the results JSON here (atomically)")
+    p.set_defaults(func=_cmd_evaluate_panoptic)
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _cmd_evaluate_panoptic(a: argparse.Namespace) -> int:
+    import json
+
+    from pixelwise.data.io import atomic_write_text
+    from pixelwise.metrics.panoptic import format_pq_table, pq_compute
+
+    results = pq_compute(a.gt_json, a.pred_json, a.gt_dir, a.pred_dir, workers=a.workers)
+    print(format_pq_table(results))
+    if a.out:
+        from pathlib import Path
+
+        out = Path(a.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+        print(f"results written to {out}")
+    return 0
+
+
+def _split_evaluate_panoptic(argv: Sequence[str]) -> list[str] | None:
+    """The arguments after ``evaluate panoptic`` (global ``--debug`` flags before
+    ``evaluate`` are kept), or None when ``argv`` is not an ``evaluate panoptic`` command."""
+    argv = list(argv)
+    lead = 0
+    while lead < len(argv) and argv[lead] == "--debug":
+        lead += 1
+    if argv[lead:lead + 2] == ["evaluate", "panoptic"]:
+        return argv[:lead] + argv[lead + 2:]
+    return None
+
+
 def _cmd_predict(a: argparse.Namespace) -> int:
     from pixelwise.engine.predict import predict_files
 
@@ -235,7 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     sub.choices["train"].set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split")
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on a dataset split (or: evaluate panoptic ...)",
+                       epilog="PQ of COCO panoptic files instead: pixelwise evaluate panoptic --gt-json F --gt-dir D "
+                              "--pred-json F --pred-dir D [--workers N] [--out results.json] "
+                              "(see `pixelwise evaluate panoptic --help`)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val")
@@ -326,8 +393,14 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else [str(v) for v in argv]
+    # `evaluate panoptic ...` has its own parser (see build_evaluate_panoptic_parser): the
+    # `evaluate` subcommand parses flags only, so it is routed here before parsing.
+    panoptic_argv = _split_evaluate_panoptic(argv)
+    if panoptic_argv is not None:
+        args = build_evaluate_panoptic_parser().parse_args(panoptic_argv)
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except PixelwiseError as e:

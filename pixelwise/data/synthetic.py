@@ -22,6 +22,7 @@ random generator, :func:`iter_shapes` yields the samples of a split deterministi
       SegmentationObject/{id}.png       palette PNG of instance ids 1..K, 0 = none, 255 on the band
       ImageSets/Segmentation/train.txt  one id a line (and val.txt)
       annotations/instances_train.json  the things as COCO instances (and _val; :func:`write_coco_split`)
+      annotations/panoptic_train.json   COCO panoptic segments (and _val; PNGs in annotations/panoptic_train/)
       classes.json
 
 Everything is a pure function of ``seed``: rerunning gives the same bytes.
@@ -38,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from pixelwise.data.classes import IGNORE_INDEX, ClassInfo, palette_bytes, save_classes
+from pixelwise.data.formats.coco_panoptic import write_coco_panoptic
 from pixelwise.data.io import atomic_directory, atomic_write_text, write_image, write_label_png
 
 __all__ = [
@@ -363,6 +365,12 @@ def generate_shapes(out_dir: str | Path, num_train: int = 200, num_val: int = 50
                     size: int | tuple[int, int] = 128, seed: int = 0, overwrite: bool = False) -> Path:
     """Write the shapes dataset in VOC layout to ``out_dir`` and return its path.
 
+    Besides the VOC folders it writes, per split, the things as COCO instances
+    (``annotations/instances_{split}.json``) and the whole scene in COCO panoptic format
+    (``annotations/panoptic_{split}.json`` + ``annotations/panoptic_{split}/`` PNGs; sky,
+    grass, water are stuff, circle, rectangle, triangle things; image ids as in the instances
+    file). The panoptic maps come from the exact semantic and instance maps (no ignore band).
+
     The dataset is built in a temporary folder next to ``out_dir`` and renamed into place at
     the end, so an interrupted run leaves nothing half-written. The same arguments always
     give byte-identical files.
@@ -377,14 +385,26 @@ def generate_shapes(out_dir: str | Path, num_train: int = 200, num_val: int = 50
         sets = tmp / "ImageSets" / "Segmentation"
         sets.mkdir(parents=True)
         for split, num in (("train", num_train), ("val", num_val)):
-            ids = []
-            for sample_id, sample in iter_shapes(split, num, size, seed):
+            ids, panoptic = [], []
+            for index, (sample_id, sample) in enumerate(iter_shapes(split, num, size, seed), start=1):
                 write_voc_sample(tmp, sample_id, sample)
                 ids.append(sample_id)
+                panoptic.append(_panoptic_record(index, sample_id, sample))
             atomic_write_text(sets / f"{split}.txt", "".join(f"{i}\n" for i in ids), fsync=False)
             write_coco_split(tmp, split, num, size, seed)  # annotations/instances_{split}.json
+            write_coco_panoptic(tmp, split, panoptic, SHAPES_CLASSES,  # annotations/panoptic_{split}.json + PNGs
+                                info={"description": "pixelwise shapes (panoptic)", "seed": seed})
         save_classes(SHAPES_CLASSES, tmp / "classes.json")
     return out_dir
+
+
+def _panoptic_record(image_id: int, sample_id: str, sample: ShapesSample) -> dict:
+    """One image of ``annotations/panoptic_{split}.json``: the exact (unbanded) semantic and
+    instance maps, so the panoptic ground truth has no VOID pixels."""
+    from pixelwise.data.formats.coco_panoptic import semantic_instance_to_panoptic
+
+    id_map, segments = semantic_instance_to_panoptic(sample.semantic, sample.instance_map, SHAPES_CLASSES)
+    return {"image_id": image_id, "file_name": f"JPEGImages/{sample_id}.png", "id_map": id_map, "segments": segments}
 
 
 def write_coco_split(root: str | Path, split: str, num: int, size: int | tuple[int, int] = 128,

@@ -1,0 +1,351 @@
+"""COCO panoptic format: semantic + instance maps <-> panoptic id maps, PNG and JSON files.
+
+A panoptic segmentation gives every pixel one *segment*; a segment has one category. In
+the COCO panoptic format (panopticapi) a split is::
+
+    annotations/panoptic_{split}.json   {"images": [{id, file_name, height, width}],
+                                         "annotations": [{image_id, file_name, segments_info}],
+                                         "categories": [{id, name, isthing, color}]}
+    annotations/panoptic_{split}/       one RGB PNG per image, pixel colour = segment id
+                                         (id = R + 256 G + 256^2 B, 0 = VOID)
+
+where ``segments_info`` lists ``{id, category_id, iscrowd, area, bbox [x, y, w, h]}``.
+The folder is the JSON path without ``.json``, the default of
+:func:`pixelwise.metrics.panoptic.pq_compute` (and panopticapi).
+
+Conversion from the semantic (class id per pixel) + instance (instance id per pixel) maps of
+a VOC-layout dataset (:func:`semantic_instance_to_panoptic`):
+
+- ignore pixels (``semantic == ignore_index``) are VOID (id 0);
+- every *stuff* class present is one segment (all its pixels);
+- every *thing* instance (``instance_map`` value other than 0 and ``ignore_index``) is one
+  segment made of its thing-class pixels; its category is the most frequent thing class
+  among them (ties: the lowest class id). Thing-class pixels without an instance (0 or
+  ``ignore_index`` in ``instance_map``) are VOID;
+- segment ids are 1, 2, ...: the stuff segments in class id order, then the instances in
+  instance id order.
+
+:func:`panoptic_to_semantic_instance` is the inverse: VOID -> ``ignore_index`` in both maps,
+stuff -> its class with instance 0, the k-th thing segment (in ``segments`` order) -> its
+class with instance id k. Maps whose instances are numbered 1..K and whose thing pixels all
+belong to one instance of a single class come back unchanged (e.g. VOC ``SegmentationClass`` +
+``SegmentationObject`` with a shared ignore band, or the shapes dataset).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pixelwise.data.classes import IGNORE_INDEX, ClassInfo
+from pixelwise.data.io import atomic_directory, atomic_write_text, write_image
+from pixelwise.errors import DataError
+
+__all__ = [
+    "categories_from_classes",
+    "panoptic_to_semantic_instance",
+    "read_panoptic_png",
+    "semantic_instance_to_panoptic",
+    "voc_to_coco_panoptic",
+    "write_coco_panoptic",
+    "write_panoptic_png",
+]
+
+
+# ---------------------------------------------------------------------------------------
+# categories
+# ---------------------------------------------------------------------------------------
+
+
+def categories_from_classes(classes: Iterable[ClassInfo | Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """COCO panoptic ``categories`` (``{id, name, isthing 0/1, color}``) from a class list
+    (:class:`~pixelwise.data.classes.ClassInfo` objects or dicts with ``id`` and ``isthing``)."""
+    out = []
+    seen = set()
+    for c in classes:
+        if isinstance(c, ClassInfo):
+            d = {"id": int(c.id), "name": c.name, "isthing": int(bool(c.isthing)), "color": list(c.color)}
+        elif isinstance(c, Mapping):
+            if "id" not in c or "isthing" not in c:
+                raise ValueError(f"category {dict(c)!r} needs 'id' and 'isthing'")
+            d = {"id": int(c["id"]), "name": str(c.get("name", c["id"])), "isthing": int(bool(c["isthing"])),
+                 "color": list(c.get("color", (0, 0, 0)))}
+        else:
+            raise TypeError(f"expected ClassInfo or a dict, got {type(c).__name__}")
+        if d["id"] in seen:
+            raise ValueError(f"category id {d['id']} is listed twice")
+        seen.add(d["id"])
+        out.append(d)
+    return out
+
+
+def _thing_table(classes: Iterable[ClassInfo | Mapping[str, Any]]) -> dict[int, bool]:
+    return {c["id"]: bool(c["isthing"]) for c in categories_from_classes(classes)}
+
+
+def _bbox(ys: np.ndarray, xs: np.ndarray) -> list[int]:
+    x0, y0 = int(xs.min()), int(ys.min())
+    return [x0, y0, int(xs.max()) - x0 + 1, int(ys.max()) - y0 + 1]
+
+
+def _segments_of(id_map: np.ndarray, category: dict[int, int]) -> list[dict[str, Any]]:
+    """``segments_info`` (area and bbox from the map) for the ids in ``category``, id order."""
+    flat = id_map.ravel()
+    order = np.argsort(flat, kind="stable")
+    ids_sorted = flat[order]
+    w = id_map.shape[1]
+    segments = []
+    for sid in sorted(category):
+        lo, hi = np.searchsorted(ids_sorted, sid, "left"), np.searchsorted(ids_sorted, sid, "right")
+        if hi == lo:
+            continue
+        pix = order[lo:hi]
+        segments.append({"id": int(sid), "category_id": int(category[sid]), "iscrowd": 0, "area": int(hi - lo),
+                         "bbox": _bbox(pix // w, pix % w)})
+    return segments
+
+
+# ---------------------------------------------------------------------------------------
+# in memory
+# ---------------------------------------------------------------------------------------
+
+
+def semantic_instance_to_panoptic(semantic: Any, instance_map: Any, classes: Iterable[ClassInfo | Mapping[str, Any]],
+                                  ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """A panoptic id map and its ``segments_info`` from a semantic and an instance map.
+
+    Args:
+        semantic: integer (H, W) class ids, ``ignore_index`` = ignore (numpy array or tensor).
+        instance_map: integer (H, W) instance ids, 0 = none, ``ignore_index`` = ignore.
+        classes: the class list (:class:`ClassInfo` or ``{id, isthing}`` dicts): which
+            classes are things.
+        ignore_index: the ignore value of both maps.
+
+    Returns:
+        ``(id_map, segments)``: uint32 (H, W) segment ids (0 = VOID) and one
+        ``{id, category_id, iscrowd: 0, area, bbox: [x, y, w, h]}`` per segment, ids 1, 2, ...
+        (stuff segments in class order, then the instances in instance id order).
+
+    Raises:
+        ValueError: maps of different shapes or not 2-D, class ids not in ``classes``.
+    """
+    sem = np.asarray(semantic).astype(np.int64, copy=False)
+    inst = np.asarray(instance_map).astype(np.int64, copy=False)
+    if sem.ndim != 2 or sem.shape != inst.shape:
+        raise ValueError(f"semantic and instance_map must be 2-D arrays of one shape, got {sem.shape} and {inst.shape}")
+    thing = _thing_table(classes)
+    present = [int(v) for v in np.unique(sem) if int(v) != ignore_index]
+    unknown = [c for c in present if c not in thing]
+    if unknown:
+        raise ValueError(f"class ids {unknown} in the semantic map are not in classes")
+
+    id_map = np.zeros(sem.shape, np.uint32)
+    category: dict[int, int] = {}
+    next_id = 1
+    for c in present:
+        if not thing[c]:
+            id_map[sem == c] = next_id
+            category[next_id] = c
+            next_id += 1
+    thing_ids = np.array(sorted(c for c in present if thing[c]), np.int64)
+    if thing_ids.size:
+        is_thing_px = np.isin(sem, thing_ids) & (inst != 0) & (inst != ignore_index)
+        inst_px, sem_px = inst[is_thing_px], sem[is_thing_px]
+        flat_idx = np.flatnonzero(is_thing_px)
+        for k in np.unique(inst_px):
+            sel = inst_px == k
+            counts = np.array([(sem_px[sel] == c).sum() for c in thing_ids])
+            id_map.ravel()[flat_idx[sel]] = next_id
+            category[next_id] = int(thing_ids[int(counts.argmax())])
+            next_id += 1
+    return id_map, _segments_of(id_map, category)
+
+
+def panoptic_to_semantic_instance(id_map: Any, segments: Sequence[Mapping[str, Any]],
+                                  classes: Iterable[ClassInfo | Mapping[str, Any]],
+                                  ignore_index: int = IGNORE_INDEX) -> tuple[np.ndarray, np.ndarray]:
+    """The inverse of :func:`semantic_instance_to_panoptic`.
+
+    Args:
+        id_map: integer (H, W) segment ids (0 = VOID), e.g. from :func:`read_panoptic_png`.
+        segments: its ``segments_info`` (``id`` and ``category_id`` are used).
+        classes: the class list (which categories are things).
+        ignore_index: value of VOID pixels in both outputs.
+
+    Returns:
+        ``(semantic, instance_map)`` int64 (H, W): VOID -> ``ignore_index`` in both; a stuff
+        segment -> its class, instance 0; the k-th thing segment in ``segments`` order -> its
+        class, instance k (1-based).
+
+    Raises:
+        ValueError: a segment id repeated or 0, an unknown category, or an id in the map
+            without a segment.
+    """
+    ids = np.asarray(id_map).astype(np.int64, copy=False)
+    if ids.ndim != 2:
+        raise ValueError(f"id_map must be 2-D, got shape {ids.shape}")
+    thing = _thing_table(classes)
+    seg_ids = [int(s["id"]) for s in segments]
+    if len(set(seg_ids)) != len(seg_ids) or 0 in seg_ids:
+        raise ValueError(f"segment ids must be unique and non-zero, got {seg_ids}")
+    present = np.unique(ids)
+    missing = sorted(set(int(v) for v in present) - set(seg_ids) - {0})
+    if missing:
+        raise ValueError(f"ids {missing} are in the id map but not in segments")
+    n = len(segments)
+    sem_of = np.full(n + 1, ignore_index, np.int64)  # index 0 = VOID
+    inst_of = np.full(n + 1, ignore_index, np.int64)
+    k = 0
+    for i, s in enumerate(segments, start=1):
+        cid = int(s["category_id"])
+        if cid not in thing:
+            raise ValueError(f"segment {s['id']} has category {cid}, which is not in classes")
+        sem_of[i] = cid
+        if thing[cid]:
+            k += 1
+            inst_of[i] = k
+        else:
+            inst_of[i] = 0
+    # dense index of each pixel: 0 for VOID, 1 + position in segments otherwise
+    dense = np.zeros(ids.shape, np.int64)
+    if n:
+        seg_arr = np.array(seg_ids, np.int64)
+        order = np.argsort(seg_arr, kind="stable")
+        pos = np.minimum(np.searchsorted(seg_arr[order], ids), n - 1)
+        dense = np.where(ids == 0, 0, order[pos] + 1)
+    return sem_of[dense], inst_of[dense]
+
+
+# ---------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------
+
+
+def write_panoptic_png(path: str | os.PathLike, id_map: Any, *, fsync: bool = True) -> Path:
+    """Write a segment id map (H, W) as a COCO panoptic RGB PNG (``id2rgb``), atomically."""
+    from pixelwise.metrics.panoptic import id2rgb
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: panoptic maps must be written as .png")
+    a = np.asarray(id_map)
+    if a.ndim != 2:
+        raise ValueError(f"{path}: id map must be 2-D (H, W), got shape {a.shape}")
+    return write_image(path, id2rgb(a), fsync=fsync)
+
+
+def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a COCO panoptic PNG as a uint32 id map (H, W).
+
+    Raises:
+        DataError: a missing, unreadable or non-RGB file.
+    """
+    from pixelwise.metrics.panoptic import _read_id_png
+
+    return _read_id_png(Path(path))
+
+
+def write_coco_panoptic(root: str | os.PathLike, split: str, records: Iterable[Mapping[str, Any]],
+                        categories: Iterable[ClassInfo | Mapping[str, Any]], *,
+                        info: Mapping[str, Any] | None = None, fsync: bool = False) -> Path:
+    """Write ``root/annotations/panoptic_{split}.json`` and the PNG folder
+    ``root/annotations/panoptic_{split}/`` (panopticapi's layout).
+
+    Args:
+        root: the dataset folder.
+        split: split name.
+        records: one dict per image: ``image_id`` (int), ``file_name`` (the image file, e.g.
+            ``JPEGImages/x.png``; the PNG is named after its stem), ``id_map`` (H, W) and
+            ``segments`` (as from :func:`semantic_instance_to_panoptic`). May be a generator:
+            one image at a time is held.
+        categories: the class list (:class:`ClassInfo` or ``{id, name, isthing}`` dicts).
+        info: the JSON ``info`` object.
+        fsync: flush every file to disk.
+
+    The PNG folder is built under a temporary name and renamed into place (replacing an old
+    one); the JSON is written atomically after it. Returns the JSON path.
+
+    Raises:
+        ValueError: duplicate image ids or PNG names, a segment id missing from its map or a
+            map id without segment, an unknown category.
+    """
+    root = Path(root)
+    cats = categories_from_classes(categories)
+    cat_ids = {c["id"] for c in cats}
+    ann_dir = root / "annotations"
+    ann_dir.mkdir(parents=True, exist_ok=True)
+    json_path = ann_dir / f"panoptic_{split}.json"
+    images, annotations = [], []
+    seen_ids, seen_names = set(), set()
+    with atomic_directory(ann_dir / f"panoptic_{split}", overwrite=True) as tmp:
+        for r in records:
+            image_id = r["image_id"]
+            png_name = Path(str(r["file_name"])).stem + ".png"
+            if image_id in seen_ids:
+                raise ValueError(f"image_id {image_id!r} appears twice")
+            if png_name in seen_names:
+                raise ValueError(f"two images give the panoptic PNG name {png_name!r}")
+            seen_ids.add(image_id)
+            seen_names.add(png_name)
+            id_map = np.asarray(r["id_map"])
+            segments = [dict(s) for s in r["segments"]]
+            seg_ids = {int(s["id"]) for s in segments}
+            map_ids = {int(v) for v in np.unique(id_map)} - {0}
+            if len(seg_ids) != len(segments) or 0 in seg_ids or seg_ids != map_ids:
+                raise ValueError(f"image {image_id!r}: segment ids {sorted(seg_ids)} do not match the non-zero ids "
+                                 f"of its map {sorted(map_ids)} (unique, non-zero, one segment per id)")
+            bad = [s["category_id"] for s in segments if int(s["category_id"]) not in cat_ids]
+            if bad:
+                raise ValueError(f"image {image_id!r}: unknown category ids {bad}")
+            for s in segments:
+                s.setdefault("iscrowd", 0)
+            h, w = id_map.shape
+            write_panoptic_png(tmp / png_name, id_map, fsync=fsync)
+            images.append({"id": image_id, "file_name": str(r["file_name"]),
+                           "height": int(r.get("height", h)), "width": int(r.get("width", w))})
+            annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments})
+    data = {"info": dict(info or {"description": f"panoptic {split}"}), "images": images,
+            "annotations": annotations, "categories": cats}
+    atomic_write_text(json_path, json.dumps(data) + "\n", fsync=fsync)
+    return json_path
+
+
+def voc_to_coco_panoptic(root: str | os.PathLike, splits: Sequence[str] = ("train", "val")) -> list[Path]:
+    """Write ``root/annotations/panoptic_{split}.json`` (+ PNG folder) from a VOC-layout
+    dataset's ``SegmentationClass`` + ``SegmentationObject`` maps and the ``isthing`` flags of
+    its ``classes.json`` (see :func:`semantic_instance_to_panoptic`; ignore pixels are VOID).
+    Image ids are 1, 2, ... in split-file order, as in
+    :func:`~pixelwise.data.formats.coco.voc_to_coco_instances`. Splits without a split file
+    are skipped. Returns the JSON files written.
+
+    Raises:
+        DataError: no ``SegmentationObject`` folder, or the dataset's own errors.
+    """
+    from pixelwise.data.formats.voc import VOCSegmentation
+
+    root = Path(root)
+    written = []
+    for split in splits:
+        if not (root / "ImageSets" / "Segmentation" / f"{split}.txt").is_file():
+            continue
+        ds = VOCSegmentation(root, split, with_instances=True)
+        if getattr(ds, "object_dir", None) is None:
+            raise DataError(root / "SegmentationObject", "instance maps not found",
+                            "panoptic conversion needs SegmentationObject PNGs (instance ids per pixel)")
+        classes, ignore = list(ds.classes), ds.ignore_index
+
+        def records(ds=ds, classes=classes, ignore=ignore):
+            for index in range(len(ds)):
+                s = ds.load(index)
+                id_map, segments = semantic_instance_to_panoptic(s["semantic"].numpy(), s["instance_map"].numpy(),
+                                                                 classes, ignore)
+                yield {"image_id": index + 1, "file_name": Path(s["meta"]["file"]).relative_to(root).as_posix(),
+                       "id_map": id_map, "segments": segments}
+
+        written.append(write_coco_panoptic(root, split, records(), classes,
+                                           info={"description": f"panoptic {root.name} (from VOC layout)"}))
+    return written
