@@ -22,7 +22,7 @@ import pixelwise
 from pixelwise.errors import CheckpointError
 from pixelwise.models.registry import UnknownModelError, build_model
 
-__all__ = ["save_checkpoint", "save_epoch", "load_checkpoint", "model_from_checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["save_checkpoint", "save_epoch", "resume_run", "load_checkpoint", "model_from_checkpoint", "rng_state", "set_rng_state"]
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict[str, Any]) -> Path:
@@ -60,6 +60,38 @@ def save_epoch(out: str | os.PathLike, history: list[dict[str, Any]], ckpt: dict
         tmp = out / ".best.pt.tmp"
         shutil.copyfile(last, tmp)
         tmp.replace(out / "best.pt")
+
+
+def resume_run(out: str | os.PathLike, spec: dict[str, Any], num_classes: int, model: nn.Module,
+               optimizer: torch.optim.Optimizer, scheduler: Any, best_key: str) -> tuple[int, int, float, list]:
+    """Restore ``OUT/last.pt`` into model, optimizer, scheduler and the RNGs, for every task.
+
+    Returns ``(start_epoch, step, best, history)``: the epoch to continue with, the global
+    step, the best score so far (checkpoint key ``best_key``) and the ``metrics.jsonl``
+    records of the epochs already done.
+    """
+    import json
+
+    out = Path(out)
+    last = out / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"{last}: nothing to resume from (no last.pt in {out})")
+    ck = load_checkpoint(last)
+    if ck["model"]["name"] != spec["name"] or ck["model"]["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"{last}: written for model {ck['model']['name']!r} with {ck['model']['num_classes']} classes, "
+            f"not {spec['name']!r} with {num_classes}; use the same --model or another --out")
+    load_state_dict_checked(model, ck["state_dict"], last, spec["name"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    set_rng_state(ck["rng"])
+    start_epoch = ck["epoch"] + 1
+    history = []
+    log = out / "metrics.jsonl"
+    if log.is_file():
+        history = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        history = [h for h in history if h["epoch"] < start_epoch]
+    return start_epoch, ck["step"], ck.get(best_key, -1.0), history
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -32,11 +32,11 @@ from tqdm import tqdm
 from pixelwise.data.formats.coco import CocoInstances
 from pixelwise.data.transforms import build_transforms
 from pixelwise.engine.checkpoint import (
-    load_checkpoint, load_state_dict_checked, model_from_checkpoint, rng_state, save_epoch, set_rng_state,
+    load_checkpoint, model_from_checkpoint, resume_run, rng_state, save_epoch,
 )
-from pixelwise.engine.common import RepeatDataset, normalization_for, resolve_device, write_json
+from pixelwise.engine.common import RepeatDataset, resolve_device, write_json
 from pixelwise.engine.config import TrainConfig
-from pixelwise.errors import CheckpointError, DataError, PixelwiseError
+from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.metrics.instance import coco_evaluate, detections_to_coco, format_coco_metrics, write_coco_results
 from pixelwise.models.registry import build_model
 
@@ -157,16 +157,9 @@ def evaluate_instance_checkpoint(checkpoint: str | os.PathLike, data: str | os.P
 def train_instance(cfg: TrainConfig) -> dict[str, Any]:
     """Train an instance model (``cfg.model``, e.g. ``maskrcnn``) on a COCO dataset; returns
     the best (by mask AP) and last validation records."""
-    from pixelwise.engine.train import _seed_everything, build_optimizer, poly_lr_lambda
+    from pixelwise.engine.train import build_optimizer, poly_lr_lambda, start_run
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    norm = normalization_for(cfg.image_mode, cfg.mean, cfg.std)
+    device, out, norm = start_run(cfg)
     train_tf = build_transforms(train=True, crop_size=cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max),
                                 flip=cfg.flip, mean=norm["mean"], std=norm["std"])
     eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
@@ -191,22 +184,10 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
                                                                             cfg.warmup_steps))
 
     start_epoch, step, best, history = 0, 0, -1.0, []
-    last_path, log_path = out / "last.pt", out / "metrics.jsonl"
+    last_path = out / "last.pt"
     if cfg.resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"{last_path}: nothing to resume from (no last.pt in {out})")
-        ck = load_checkpoint(last_path)
-        if ck["model"]["name"] != spec["name"] or ck["model"]["num_classes"] != len(classes):
-            raise CheckpointError(f"{last_path}: written for model {ck['model']['name']!r} with "
-                                  f"{ck['model']['num_classes']} classes; use the same --model or another --out")
-        load_state_dict_checked(model, ck["state_dict"], last_path, spec["name"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, step, best = ck["epoch"] + 1, ck["step"], ck.get("best_mask_ap", -1.0)
-        set_rng_state(ck["rng"])
-        if log_path.is_file():
-            history = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
-            history = [h for h in history if h["epoch"] < start_epoch]
+        start_epoch, step, best, history = resume_run(out, spec, len(classes), model, optimizer, scheduler,
+                                                      "best_mask_ap")
 
     resolved = cfg.to_dict()
     write_json(out / "config.json", resolved)

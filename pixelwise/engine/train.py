@@ -20,7 +20,6 @@ U-Net specifics (SPEC §3):
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ from tqdm import tqdm
 
 from pixelwise.data.transforms import build_transforms
 from pixelwise.engine.checkpoint import (
-    load_checkpoint, load_state_dict_checked, rng_state, save_epoch, set_rng_state,
+    resume_run, rng_state, save_epoch,
 )
 from pixelwise.engine.common import (
     RepeatDataset, has_instance_maps, make_loader, normalization_for, open_dataset, resolve_device,
@@ -40,7 +39,7 @@ from pixelwise.engine.common import (
 )
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.evaluate import evaluate_model
-from pixelwise.errors import CheckpointError, PixelwiseError
+from pixelwise.errors import PixelwiseError
 from pixelwise.losses import build_loss
 from pixelwise.models.registry import build_model
 from pixelwise.postprocess import is_unpadded
@@ -66,6 +65,17 @@ def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise PixelwiseError(f"unknown optimizer {cfg.optimizer!r}; use 'sgd' or 'adamw'")
+
+
+def start_run(cfg: TrainConfig) -> tuple[torch.device, Path, dict[str, Any]]:
+    """What every task's training does first: CPU threads, seeds, device, the run folder,
+    and the image normalisation that goes into the checkpoint."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    return resolve_device(cfg.device), out, normalization_for(cfg.image_mode, cfg.mean, cfg.std)
 
 
 def _seed_everything(seed: int) -> None:
@@ -126,14 +136,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         from pixelwise.engine.instance import train_instance
 
         return train_instance(cfg)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    _seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-
-    norm = normalization_for(cfg.image_mode, cfg.mean, cfg.std)
+    device, out, norm = start_run(cfg)
     wmap_params = _weight_map_params(cfg)
     eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
     train_base = open_dataset(cfg.data, cfg.train_split, None, cfg.image_mode,
@@ -183,24 +186,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer, poly_lr_lambda(total_steps, cfg.poly_power, cfg.warmup_steps))
 
     start_epoch, step, best, history = 0, 0, -1.0, []
-    last_path, log_path = out / "last.pt", out / "metrics.jsonl"
+    last_path = out / "last.pt"
     if cfg.resume:
-        if not last_path.is_file():
-            raise CheckpointError(f"{last_path}: nothing to resume from (no last.pt in {out})")
-        ck = load_checkpoint(last_path)
-        if ck["model"]["name"] != spec["name"] or ck["model"]["num_classes"] != num_classes:
-            raise CheckpointError(
-                f"{last_path}: written for model {ck['model']['name']!r} with {ck['model']['num_classes']} classes, "
-                f"not {spec['name']!r} with {num_classes}; use the same --model or another --out")
-        load_state_dict_checked(model, ck["state_dict"], last_path, spec["name"])
-        optimizer.load_state_dict(ck["optimizer"])
-        scheduler.load_state_dict(ck["scheduler"])
-        start_epoch, step = ck["epoch"] + 1, ck["step"]
-        best = ck.get("best_miou", -1.0)
-        set_rng_state(ck["rng"])
-        if log_path.is_file():
-            history = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-            history = [h for h in history if h["epoch"] < start_epoch]
+        start_epoch, step, best, history = resume_run(out, spec, num_classes, model, optimizer, scheduler,
+                                                      "best_miou")
 
     resolved = cfg.to_dict()
     write_json(out / "config.json", resolved)
