@@ -13,19 +13,11 @@ from pixelwise.losses import CrossEntropyLoss
 from pixelwise.models import build_model, list_models
 from pixelwise.models.deeplab import ASPP, ASPPConv, ASPPPooling, DeepLabV3, DeepLabV3Plus, default_atrous_rates
 
+from helpers import toy_batch  # noqa: E402
+
 SMALL = dict(backbone="resnet18", aspp_channels=16)
 SMALL_PLUS = dict(SMALL, decoder_channels=16, low_level_channels=8)
 
-
-def _toy_batch(n: int = 2, h: int = 48, w: int = 48, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    x = 0.1 * torch.randn(n, 3, h, w, generator=g)
-    y = torch.zeros(n, h, w, dtype=torch.long)
-    y[:, :, : w // 2] = 1
-    y[:, h // 4 : h // 2, w // 4 : 3 * w // 4] = 2
-    x[:, 0] += (y == 1).float()
-    x[:, 1] -= (y == 2).float()
-    return x, y
 
 
 def _aspp_rates(aspp: ASPP) -> list[tuple[int, int]]:
@@ -136,7 +128,7 @@ def test_image_pooling_batch_of_one_in_training() -> None:
 def test_training_step_with_batch_of_one(cls, kw) -> None:
     torch.manual_seed(0)
     m = cls(3, **kw).train()
-    x, y = _toy_batch(n=1, h=40, w=56)
+    x, y = toy_batch(n=1, h=40, w=56)
     loss = CrossEntropyLoss(3)(m(x), y)
     loss.backward()
     torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9).step()
@@ -159,7 +151,7 @@ def test_output_at_input_size(cls, kw, output_stride: int) -> None:
 def test_few_steps_lower_the_loss(cls, kw) -> None:
     torch.manual_seed(0)
     m = cls(3, dropout=0.0, **kw).train()
-    x, y = _toy_batch(n=2)
+    x, y = toy_batch(n=2)
     crit = CrossEntropyLoss(3)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     losses = []

@@ -10,19 +10,10 @@ from pixelwise.losses import CrossEntropyLoss
 from pixelwise.models import build_model, list_models
 from pixelwise.models.pspnet import PooledBatchNorm2d, PSPNet, PyramidPoolingModule
 
+from helpers import toy_batch  # noqa: E402
+
 SMALL = dict(backbone="resnet18", ppm_channels=16, head_channels=32, aux_channels=16)
 
-
-def _toy_batch(n: int = 2, h: int = 64, w: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images whose classes are visible: class 1 = bright left half, class 2 = a dark square."""
-    g = torch.Generator().manual_seed(seed)
-    x = 0.1 * torch.randn(n, 3, h, w, generator=g)
-    y = torch.zeros(n, h, w, dtype=torch.long)
-    y[:, :, : w // 2] = 1
-    y[:, h // 4 : h // 2, w // 4 : 3 * w // 4] = 2
-    x[:, 0] += (y == 1).float()
-    x[:, 1] -= (y == 2).float()
-    return x, y
 
 
 def test_registered() -> None:
@@ -138,7 +129,7 @@ def test_pooled_batchnorm_batch_of_one() -> None:
 def test_training_step_with_batch_of_one() -> None:
     torch.manual_seed(0)
     m = PSPNet(3, **SMALL).train()
-    x, y = _toy_batch(n=1, h=48, w=40)
+    x, y = toy_batch(n=1, h=48, w=40)
     loss = CrossEntropyLoss(3)(m(x), y)
     loss.backward()
     torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9).step()
@@ -150,7 +141,7 @@ def test_training_step_with_batch_of_one() -> None:
 def test_few_steps_lower_the_loss() -> None:
     torch.manual_seed(0)
     m = PSPNet(3, dropout=0.0, **SMALL).train()
-    x, y = _toy_batch(n=2, h=48, w=48)
+    x, y = toy_batch(n=2, h=48, w=48)
     crit = CrossEntropyLoss(3)  # uses the aux output with weight 0.4
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     losses = []

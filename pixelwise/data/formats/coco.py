@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from pixelwise.data.formats.base import SampleDataset
 from pixelwise.data.classes import ClassInfo, palette
 from pixelwise.data.io import atomic_write_text, read_image
 from pixelwise.errors import DataError
@@ -252,7 +252,7 @@ def is_coco_dataset(data: str | os.PathLike, split: str = "train") -> bool:
     return True
 
 
-class CocoInstances(Dataset):
+class CocoInstances(SampleDataset):
     """A COCO instance-segmentation dataset (see the module docstring for the sample format).
 
     Args:
@@ -351,13 +351,6 @@ class CocoInstances(Dataset):
                 "instances": instances,
                 "meta": {"id": str(info["id"]), "image_id": info["id"], "file": str(path), "size": (h, w)}}
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        sample = self.load(index % len(self))
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({str(self.annotation_file)!r}, n={len(self)}, "
@@ -372,14 +365,11 @@ def voc_to_coco_instances(root: str | os.PathLike, splits: Sequence[str] = ("tra
     stuff classes left out; an instance with no thing pixel takes the first thing class);
     categories are the ``isthing`` classes of the dataset with their class ids. Splits
     without a split file are skipped. Returns the files written."""
-    from pixelwise.data.formats.voc import VOCSegmentation
+    from pixelwise.data.formats.voc import iter_voc_splits
 
     root = Path(root)
     written = []
-    for split in splits:
-        if not (root / "ImageSets" / "Segmentation" / f"{split}.txt").is_file():
-            continue
-        ds = VOCSegmentation(root, split, with_instances=True)
+    for split, ds in iter_voc_splits(root, splits, with_instances=True):
         things = [c for c in ds.classes if c.isthing] or [c for c in ds.classes if c.id != 0]
         thing_ids = np.array([c.id for c in things])
         images, anns = [], []

@@ -325,14 +325,11 @@ def voc_to_coco_panoptic(root: str | os.PathLike, splits: Sequence[str] = ("trai
     Raises:
         DataError: no ``SegmentationObject`` folder, or the dataset's own errors.
     """
-    from pixelwise.data.formats.voc import VOCSegmentation
+    from pixelwise.data.formats.voc import iter_voc_splits
 
     root = Path(root)
     written = []
-    for split in splits:
-        if not (root / "ImageSets" / "Segmentation" / f"{split}.txt").is_file():
-            continue
-        ds = VOCSegmentation(root, split, with_instances=True)
+    for split, ds in iter_voc_splits(root, splits, with_instances=True):
         if getattr(ds, "object_dir", None) is None:
             raise DataError(root / "SegmentationObject", "instance maps not found",
                             "panoptic conversion needs SegmentationObject PNGs (instance ids per pixel)")

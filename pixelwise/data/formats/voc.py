@@ -17,14 +17,14 @@ exists), and is the only split of a dataset without ImageSets.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from pixelwise.data.formats.base import SampleDataset
 from pixelwise.data.classes import (
     IGNORE_INDEX,
     VOC_CLASSES,
@@ -85,7 +85,7 @@ def _index_images(folder: Path) -> dict[str, Path]:
     return found
 
 
-class VOCSegmentation(Dataset):
+class VOCSegmentation(SampleDataset):
     """A semantic (and optionally instance) segmentation dataset in VOC layout.
 
     Args:
@@ -239,10 +239,11 @@ class VOCSegmentation(Dataset):
         sample["meta"] = {"id": sample_id, "file": str(image_file), "size": hw}
         return sample
 
-    def __getitem__(self, index: int) -> Sample:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} samples")
-        sample = self.load(index % len(self))
-        if self.transforms is not None:
-            sample = self.transforms(sample)
-        return sample
+
+def iter_voc_splits(root: str | Path, splits: Sequence[str], **kwargs: Any) -> Iterator[tuple[str, "VOCSegmentation"]]:
+    """``(split, VOCSegmentation)`` for each of ``splits`` that has a split file (others are
+    skipped): the loop every VOC -> COCO converter runs."""
+    root = Path(root)
+    for split in splits:
+        if (root / "ImageSets" / "Segmentation" / f"{split}.txt").is_file():
+            yield split, VOCSegmentation(root, split, **kwargs)
