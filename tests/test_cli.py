@@ -232,3 +232,34 @@ def test_data_stats_prints_frequencies_and_median_frequency_weights(tiny_data, c
 def test_median_frequency_class_weights_train(tiny_data, tmp_path):
     assert run(*train_args(tiny_data, tmp_path / "r", 1, "--class-weights", "median_frequency")) == 0
     assert (tmp_path / "r" / "best.pt").is_file()
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
+    import pixelwise.engine.train as t
+    from pixelwise.errors import PixelwiseError
+
+    run_dir = tmp_path / "run"
+    assert run(*train_args(tiny_data, run_dir, 1)) == 0
+    before = (run_dir / "last.pt").read_bytes()
+    real_build_loss = t.build_loss
+
+    class NanLoss(torch.nn.Module):
+        def __init__(self, criterion):
+            super().__init__()
+            self.criterion = criterion
+
+        def forward(self, outputs, target, pixel_weights=None):
+            return self.criterion(outputs, target) * float("nan")
+
+    def nan_loss(*args, **kwargs):
+        return NanLoss(real_build_loss(*args, **kwargs))
+
+    monkeypatch.setattr(t, "build_loss", nan_loss)
+    from pixelwise.engine.config import load_config
+
+    cfg = load_config(None, {"model": "fcn8s", "model_kwargs": {"width": 0.125, "backbone": "vgg16_bn"},
+                             "data": str(tiny_data), "out": str(run_dir), "epochs": 2, "batch_size": 4,
+                             "num_workers": 0, "progress": False, "resume": True})
+    with pytest.raises(PixelwiseError, match="loss became nan at epoch 2"):
+        t.train(cfg)
+    assert (run_dir / "last.pt").read_bytes() == before

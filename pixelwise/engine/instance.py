@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import colorsys
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -213,8 +214,9 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
             targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
             losses = model(images, targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise PixelwiseError(f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr. "
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise PixelwiseError(f"loss became {loss_value} at epoch {epoch + 1}, step {step}; lower --lr. "
                                      f"The last good checkpoint is kept in {last_path}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -225,8 +227,8 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
             n += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
-            bar.set_postfix(loss=f"{loss.item():.3f}", mask=f"{losses['loss_mask'].item():.3f}" if "loss_mask" in losses
+            sums["loss"] = sums.get("loss", 0.0) + loss_value
+            bar.set_postfix(loss=f"{loss_value:.3f}", mask=f"{losses['loss_mask'].item():.3f}" if "loss_mask" in losses
                             else "", lr=f"{scheduler.get_last_lr()[0]:.1e}")
             if cfg.time_limit and time.time() - t0 > cfg.time_limit:
                 stop = True

@@ -20,6 +20,7 @@ U-Net specifics (SPEC §3):
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from pathlib import Path
@@ -220,18 +221,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 pixel_w = None if pixel_w is None else model.crop_target(pixel_w)
             outputs = model(images)
             loss = criterion(outputs, target, pixel_weights=None if pixel_w is None else pixel_w.to(device))
-            if not torch.isfinite(loss):
+            loss_value = loss.item()  # the step's one host sync: NaN check, running mean, progress bar
+            if not math.isfinite(loss_value):
                 raise PixelwiseError(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower --lr. "
+                    f"loss became {loss_value} at epoch {epoch + 1}, step {step}; lower --lr. "
                     f"The last good checkpoint is kept in {last_path}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             step += 1
-            loss_sum += loss.item()
+            loss_sum += loss_value
             n += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if cfg.time_limit and time.time() - t0 > cfg.time_limit:
                 stop = True
                 break
