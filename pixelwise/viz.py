@@ -9,7 +9,7 @@ import numpy as np
 
 __all__ = ["colorize", "overlay", "label_boundaries", "comparison_grid", "save_confusion_matrix", "save_curves"]
 
-IGNORE_COLOR = (224, 224, 192)  # VOC's colour for the 'void' border
+from pixelwise.data.classes import IGNORE_COLOR  # VOC's colour for the 'void' border
 
 
 def colorize(label: np.ndarray, colors: Sequence[Sequence[int]], ignore_index: int = 255) -> np.ndarray:

@@ -12,10 +12,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from pixelwise.data.io import atomic_write_text
+from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pixelwise.errors import DataError
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 __all__ = ["open_dataset", "pad_collate", "make_loader", "resolve_device", "normalization_for", "write_json",
            "json_clean", "RepeatDataset", "has_instance_maps"]
@@ -27,9 +25,9 @@ PAD_FILL = {"image": 0, "weight_map": 0}
 def normalization_for(image_mode: str, mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, Any]:
     """Per-channel mean/std; ImageNet's for RGB, 0.5/0.25 for single-channel images."""
     if mean is None:
-        mean = IMAGENET_MEAN if image_mode == "RGB" else [0.5]
+        mean = list(IMAGENET_MEAN) if image_mode == "RGB" else [0.5]
     if std is None:
-        std = IMAGENET_STD if image_mode == "RGB" else [0.25]
+        std = list(IMAGENET_STD) if image_mode == "RGB" else [0.25]
     return {"mean": [float(m) for m in mean], "std": [float(s) for s in std], "image_mode": image_mode}
 
 

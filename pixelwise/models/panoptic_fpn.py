@@ -56,6 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pixelwise.data.classes import IGNORE_INDEX
 from pixelwise.models.maskrcnn import PixelwiseMaskRCNN, build_maskrcnn
 from pixelwise.models.registry import register_model
 from pixelwise.postprocess_panoptic import REFERENCE_STUFF_AREA, merge_panoptic, scaled_stuff_area
@@ -63,7 +64,6 @@ from pixelwise.postprocess_panoptic import REFERENCE_STUFF_AREA, merge_panoptic,
 __all__ = ["SemanticStage", "SemanticFPNHead", "PanopticFPN", "build_panoptic_fpn", "STAGES_PER_LEVEL",
            "IGNORE_INDEX"]
 
-IGNORE_INDEX = 255
 #: SemanticStage blocks per FPN level (each but P2's ends with a 2x upsample): 1/4 scale after them
 STAGES_PER_LEVEL = {"p2": 1, "p3": 1, "p4": 2, "p5": 3}
 
