@@ -93,6 +93,15 @@ def test_pooler_options_route_levels_and_switch_ops():
         MultiScaleRoIPooler(names, 7, 2, roi_op="roi_max")
 
 
+def test_pooler_scales_of_small_padded_images():
+    # 40 px and 33 px images are padded to 64 (multiple of 32): P2 is 16 px, yet its stride is 4
+    feats = [torch.zeros(1, 1, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
+    for h in (33, 40, 64):
+        assert MultiScaleRoIPooler.feature_scales(feats, [(h, h)]) == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+    big = [torch.zeros(1, 1, 800 // s, 1344 // s) for s in (4, 8, 16, 32)]
+    assert MultiScaleRoIPooler.feature_scales(big, [(800, 1333), (780, 1000)]) == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+
+
 def test_fpn_shapes_on_odd_sizes():
     fpn = FPN((8, 16, 32, 64), 12)
     feats = [torch.randn(1, c, s, s) for c, s in zip((8, 16, 32, 64), (25, 13, 7, 4))]

@@ -155,7 +155,8 @@ class MultiScaleRoIPooler(MultiScaleRoIAlign):
         aligned: RoIAlign's half-pixel offset (ignored by RoIPool).
 
     A subclass of torchvision's ``MultiScaleRoIAlign`` so that torchvision's ``MaskRCNN``
-    accepts it; scales are inferred from the feature sizes on every call (not cached).
+    accepts it; scales are inferred from the feature sizes on every call (not cached), see
+    :meth:`feature_scales`.
     """
 
     def __init__(self, featmap_names: list[str], output_size: int, sampling_ratio: int = 2, *,
@@ -170,6 +171,16 @@ class MultiScaleRoIPooler(MultiScaleRoIAlign):
         self.roi_op = roi_op
         self.aligned = bool(aligned)
 
+    @staticmethod
+    def feature_scales(feats: list[torch.Tensor], image_shapes: list[tuple[int, int]]) -> list[float]:
+        """1 / stride of each map. The maps are computed on the batch padded up to a multiple
+        of the coarsest stride, so ``image height / map height`` lies in (stride / 2, stride]
+        for images at least that stride tall; rounding it UP to a power of two gives the
+        stride exactly (torchvision rounds to the nearest power, which halves the scale of
+        small images padded by more than 41%, e.g. 40 px padded to 64)."""
+        max_h = max(s[0] for s in image_shapes)
+        return [2.0 ** -math.ceil(math.log2(max_h / f.shape[-2]) - 1e-6) for f in feats]
+
     def pool_level(self, feature: torch.Tensor, rois: torch.Tensor, scale: float) -> torch.Tensor:
         """Pool (R, 5) rois [batch index, x1, y1, x2, y2] (image coordinates) from one map."""
         if self.roi_op == "roi_pool":
@@ -179,8 +190,7 @@ class MultiScaleRoIPooler(MultiScaleRoIAlign):
     def forward(self, x: dict[str, torch.Tensor], boxes: list[torch.Tensor],
                 image_shapes: list[tuple[int, int]]) -> torch.Tensor:
         feats = [x[name] for name in self.featmap_names]
-        max_h = max(s[0] for s in image_shapes)
-        scales = [2.0 ** round(math.log2(f.shape[-2] / max_h)) for f in feats]
+        scales = self.feature_scales(feats, image_shapes)
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0)
         if len(feats) == 1:
             return self.pool_level(feats[0], rois, scales[0])
