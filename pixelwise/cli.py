@@ -1,6 +1,6 @@
 """Command-line interface: a thin layer that parses flags, calls the Python API and prints.
 
-    pixelwise demo | train | evaluate | predict | models | export | data {synth,stats,import}
+    pixelwise demo | train | evaluate | report | predict | models | export | serve | data {synth,stats,import,check,...}
     pixelwise evaluate panoptic --gt-json F --gt-dir D --pred-json F --pred-dir D  (PQ of COCO panoptic files)
 
 Errors a user can fix are printed as one line (``error: FILE: problem``) with exit code 2;
@@ -73,38 +73,93 @@ def _add_train(sub) -> None:
     p.add_argument("--repeat", type=int, help="visit every training image this many times per epoch")
     p.add_argument("--image-mode", choices=["RGB", "L"])
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
-    p.add_argument("--num-workers", type=int)
+    p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default: auto, min(2, cores - 1))")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu or cuda")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from OUT/last.pt")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the newest checkpoint in OUT (last.pt or step_N.pt), mid-epoch if need be")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also checkpoint every N steps (step_N.pt + last.pt); default 0 = at epoch ends only")
+    p.add_argument("--keep-last", type=int, metavar="K", help="step checkpoints to keep (default 3; 0 = all)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic kernels and seeded data: a resumed run ends exactly like an uninterrupted one")
+    p.add_argument("--skip-bad-samples", action="store_true", default=None,
+                   help="leave out samples whose files are unusable (corrupt image, wrong mask size, ...), count "
+                        "them (warning line, OUT/skipped_samples.json) instead of stopping at the first")
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also log scalars and a few images to OUT/tensorboard (needs the tensorboard package)")
+    p.add_argument("--set", action="append", default=[], dest="set_overrides", metavar="KEY=VALUE",
+                   help="override any config key, value read as YAML (repeatable; dotted keys reach into mappings: "
+                        "--set lr=0.02 --set model_kwargs.backbone=resnet18). Precedence: defaults < --config "
+                        "< flags < --set")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write OUT/report.html and its pictures after training")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
-    from pixelwise.engine.config import load_config
+    from pixelwise.engine.config import apply_overrides, load_config
     from pixelwise.engine.train import train
 
     overrides = {k: getattr(a, k) for k in (
         "model", "data", "out", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "loss",
         "class_weights", "crop_size", "elastic", "repeat", "image_mode", "time_limit", "num_workers", "seed",
-        "device", "threads", "resume")}
+        "device", "threads", "resume", "checkpoint_every", "keep_last", "deterministic", "skip_bad_samples",
+        "tensorboard")}
     cfg = load_config(a.config, overrides)
     if a.model_arg:
         cfg.model_kwargs = {**cfg.model_kwargs, **dict(a.model_arg)}
+    if a.set_overrides:  # the last word: after the config file and the flags
+        cfg = apply_overrides(cfg, a.set_overrides)
     if a.quiet:
         cfg.progress = False
     if not cfg.data:
         raise PixelwiseError("no dataset: pass --data DIR (or `data:` in the config)")
     result = train(cfg)
+    from pixelwise.engine.distributed import is_main
+
+    if not is_main():  # under torchrun, rank 0 reports
+        return 0
+    if not a.no_report:
+        _report_after_training(result["out"], cfg)
     best = result["best"]
     if result.get("task") == "instance":
         print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mask AP "
               f"{best.get('mask_AP', float('nan')):.4f} AP50 {best.get('mask_AP50', float('nan')):.4f} "
               f"(epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
         return 0
+    if result.get("task") == "panoptic":
+        nan = float("nan")
+        print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val PQ {best.get('pq', nan):.4f} "
+              f"(PQ^Th {best.get('pq_th', nan):.4f}, PQ^St {best.get('pq_st', nan):.4f}) "
+              f"(epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
+        return 0
     print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mIoU "
           f"{best.get('miou', float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
+    return 0
+
+
+def _report_after_training(run_dir: str, cfg: Any) -> None:
+    """RUN/report.html after `pixelwise train`; a failure is reported, the training result stays."""
+    from pixelwise.report import write_report
+
+    try:
+        path = write_report(run_dir, data=cfg.data, split=cfg.val_split, device=cfg.device)
+    except ImportError as e:
+        print(f"report not written ({e}; install matplotlib: pip install 'pixelwise[extra]')", file=sys.stderr)
+        return
+    except PixelwiseError as e:
+        print(f"report not written: {e}", file=sys.stderr)
+        return
+    print(f"report: {path}")
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from pixelwise.report import write_report
+
+    path = write_report(a.run, data=a.data, split=a.split, max_images=a.max_images, device=a.device)
+    print(f"report: {path}")
     return 0
 
 
@@ -113,15 +168,26 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
     m = evaluate_checkpoint(a.checkpoint, a.data, a.split, out=a.out, batch_size=a.batch_size,
                             device=a.device, progress=not a.quiet, instance_f1=a.instance_f1, min_size=a.min_size,
-                            fast=a.fast, **_inference_kwargs(a))
+                            fast=a.fast, skip_bad_samples=a.skip_bad_samples, **_inference_kwargs(a))
     if m.get("task") == "instance":
         from pixelwise.engine.instance import format_instance_metrics
 
         print(format_instance_metrics(m) + f"\nCOCO results (RLE) written to {m['results_json']}")
+    elif m.get("task") == "panoptic":
+        from pixelwise.engine.panoptic import format_panoptic_metrics
+
+        print(format_panoptic_metrics(m))
     else:
         print(format_metrics(m, m["class_names"]))
     if a.out:
         print(f"metrics written to {a.out}")
+        if "confusion" in m:  # semantic: F_confusion_matrix.png, F_per_class_iou.png
+            try:
+                from pixelwise.report import write_eval_plots
+
+                print("plots: " + ", ".join(str(p) for p in write_eval_plots(m, a.out)))
+            except ImportError as e:
+                print(f"plots not written ({e}; install matplotlib)", file=sys.stderr)
     return 0
 
 
@@ -194,13 +260,26 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     if a.onnx:  # an exported model: onnxruntime + NumPy, no checkpoint and no PyTorch in the loop
         from pixelwise.export import predict_files_onnx
 
+        if a.skip_existing:
+            raise PixelwiseError("--skip-existing works with --checkpoint, not (yet) with --onnx")
+
         written = predict_files_onnx(a.onnx, a.inputs, a.out, alpha=a.alpha, progress=not a.quiet)
         print(f"wrote {len(written)} label maps and overlays to {a.out}")
         return 0
     if not a.checkpoint:
         raise PixelwiseError("predict needs --checkpoint CKPT or --onnx MODEL.onnx")
     written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, alpha=a.alpha, progress=not a.quiet,
-                            fast=a.fast, **_inference_kwargs(a))
+                            fast=a.fast, skip_existing=a.skip_existing, **_inference_kwargs(a))
+    if a.skip_existing:
+        from pixelwise.engine.predict import collect_inputs
+
+        done = len(collect_inputs(a.inputs)) - len(written)
+        print(f"{done} images already had their outputs in {a.out} (--skip-existing): not predicted again")
+    if written and written[-1].suffix == ".json":  # panoptic: the PNGs, then their COCO panoptic JSON
+        print(f"wrote {len(written) - 1} panoptic PNGs and overlays to {a.out} and their segments to {written[-1]}; "
+              f"score them with: pixelwise evaluate panoptic --gt-json GT.json --gt-dir GT_DIR "
+              f"--pred-json {written[-1]} --pred-dir {a.out}")
+        return 0
     print(f"wrote {len(written)} label maps and overlays to {a.out}")
     return 0
 
@@ -209,7 +288,16 @@ def _cmd_export(a: argparse.Namespace) -> int:
     from pixelwise.export import export_checkpoint
 
     path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=a.dynamic, size=a.size)
-    print(f"exported {a.format} model to {path}" + (" (dynamic batch, height, width)" if a.dynamic else ""))
+    print(f"exported {a.format} model to {path}" + (" (dynamic input size)" if a.dynamic else ""))
+    return 0
+
+
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from pixelwise.serve import serve
+
+    serve(a.checkpoint, a.host, a.port, device=a.device, max_upload_mb=a.max_upload_mb,
+          max_megapixels=a.max_megapixels, score_threshold=a.score_threshold, fast=a.fast,
+          log_requests=not a.quiet, **_inference_kwargs(a))
     return 0
 
 
@@ -258,6 +346,18 @@ def _cmd_data_import(a: argparse.Namespace) -> int:
     print(f"wrote {a.name} to {out}: {n_train} train + {len(info['regions']) - n_train} val crops "
           f"({info['image_mode']}); split: {info['split']}")
     return 0
+
+
+def _cmd_data_check(a: argparse.Namespace) -> int:
+    from pixelwise.data.check import DatasetCheck, format_problems
+
+    check = DatasetCheck(a.dir, a.image_mode).run()
+    if check.problems:
+        print(format_problems(check.problems, check.root))
+    formats = ", ".join(f"{fmt} ({path.name})" for fmt, path in check.formats) or "none"
+    print(f"checked {a.dir}: {formats}; {check.num_images} images read; "
+          f"{len(check.errors)} errors, {len(check.warnings)} warnings")
+    return 1 if check.errors else 0
 
 
 def _cmd_data_weightmap(a: argparse.Namespace) -> int:
@@ -314,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "instance maps (SegmentationObject), F1 at IoU 0.5")
     p.add_argument("--min-size", type=int, default=0,
                    help="with --instance-f1: drop predicted components smaller than this many pixels (default 0)")
+    p.add_argument("--skip-bad-samples", action="store_true",
+                   help="leave out samples whose files are unusable and count them (warning line; "
+                        "'skipped_samples' in the metrics JSON) instead of stopping at the first")
     p.add_argument("--quiet", action="store_true")
     _add_inference_flags(p)
     p.set_defaults(func=_cmd_evaluate)
@@ -325,9 +428,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     p.add_argument("--device", default="auto")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="resume an interrupted run: leave out images whose outputs are all in OUT already")
     p.add_argument("--quiet", action="store_true")
     _add_inference_flags(p)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("report", help="write RUN/report.html: curves, confusion matrix, per-class plots, val images",
+                       description="Evaluate a run's best.pt (else last.pt) once on a split and write report.html "
+                                   "(self-contained: pictures inlined) with curves.png, confusion_matrix.png, "
+                                   "per_class_iou.png and val_grid.png beside it. `pixelwise train` does this at "
+                                   "the end unless --no-report.")
+    p.add_argument("run", help="run folder (metrics.jsonl, config.json, best.pt / last.pt)")
+    p.add_argument("--data", help="dataset (default: the `data` of the run's config)")
+    p.add_argument("--split", help="dataset split (default: the run's val_split)")
+    p.add_argument("--max-images", type=int, default=8, help="images in val_grid.png")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("models", help="list registered models with parameters and GFLOPs")
     p.add_argument("--size", type=int, default=512, help="input size for the GFLOPs column")
@@ -338,9 +455,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--format", default="onnx", choices=["onnx"])
     p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
-    p.add_argument("--dynamic", action="store_true", help="free batch size, height and width")
+    p.add_argument("--dynamic", action="store_true",
+                   help="free height and width, and batch size (a Mask R-CNN graph takes one image per run)")
     p.add_argument("--size", type=int, help="example input side (default 512; the only size without --dynamic)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("serve", help="a local web page to try a checkpoint on your own images",
+                       description="Serve one page: choose or drop an image, see the segmentation over it (opacity "
+                                   "slider), a legend with pixel shares; instance and panoptic checkpoints show every "
+                                   "instance / segment in its own colour. "
+                                   "API: POST the image bytes to /api/predict (JSON answer). See pixelwise/serve.py.")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get HTTP 413 (default 20)")
+    p.add_argument("--max-megapixels", type=float, default=40.0,
+                   help="images with more pixels get HTTP 413 (default 40)")
+    p.add_argument("--score-threshold", type=float, default=0.5, help="instance checkpoints: lowest score shown")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="do not log requests")
+    _add_inference_flags(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -362,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "never imported: pip install --no-deps stardist==0.9.2 / histolytics==0.3.0.")
     q.add_argument("name", choices=["stardist", "histolytics"],
                    help="stardist: 512x512 grayscale nuclei, 2 classes + instances; histolytics: 1500x1500 H&E, "
-                        "4 nucleus classes + instances")
+                        "4 nucleus classes + instances, and COCO panoptic (annotations/panoptic_{train,val}.json)")
     q.add_argument("--out", required=True)
     q.add_argument("--source", help="folder holding the source files (default: the installed package)")
     q.add_argument("--crop", type=int, help="crop side in pixels (stardist 256, histolytics 250)")
@@ -383,6 +518,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sigma", type=float, default=5.0, help="border term width in pixels")
     q.add_argument("--limit", type=int, help="at most this many images")
     q.set_defaults(func=_cmd_data_weightmap)
+    q = dsub.add_parser("check", help="validate a dataset (VOC, COCO, COCO panoptic): every problem at once",
+                        description="Check every file of a dataset in any supported format (the formats present are "
+                                    "detected) and print a table of all problems: file, problem, how to fix. "
+                                    "Warnings are inputs that are accepted but converted (16-bit, RGBA, grayscale). "
+                                    "Exit code 1 when there is any error, 0 otherwise.")
+    q.add_argument("dir", help="dataset folder (or a COCO JSON file)")
+    q.add_argument("--image-mode", choices=["RGB", "L"],
+                   help="how training will read the images (default: regions.json's, else RGB)")
+    q.set_defaults(func=_cmd_data_check)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""ONNX export of semantic models, and an onnxruntime predictor that needs no PyTorch.
+"""ONNX export of semantic models and Mask R-CNN, and onnxruntime predictors that need no PyTorch.
 
 ``pixelwise export --checkpoint CKPT --format onnx --out model.onnx [--dynamic]``:
 
@@ -11,6 +11,22 @@
   classes, normalization, image mode, the unpadded U-Net's margin and valid sizes), so
   ``pixelwise predict --onnx model.onnx`` needs neither the checkpoint nor PyTorch on its hot
   path: decoding, normalising, onnxruntime, argmax and PNG writing are NumPy/PIL.
+
+Mask R-CNN (task ``instance``) exports too (:func:`export_onnx` dispatches on the model's
+task): the graph takes ONE normalised image ``image`` (C, H, W) float32 and returns
+``boxes`` (K, 4) xyxy, ``labels`` (K,) int64 (contiguous, 0 = background), ``scores``
+(K,) and ``masks`` (K, 1, H, W) mask probabilities pasted into the image - torchvision's
+eval output for that image; K (0 included) is always free, H and W with ``--dynamic``. A
+batch of N images is N runs of the graph (torchvision's detection post-processing - NMS,
+per-image top-k, mask pasting - is traced for one image). The metadata adds the COCO
+``category_ids``, ``mask_threshold`` and the graph's own ``box_score_thresh``;
+:class:`OnnxInstanceSegmenter` runs it and ``predict --onnx`` writes what
+``predict_instance_files`` writes (instance-id PNG, overlay with class and score, COCO JSON).
+Exact score ties (a constant image gives many identical proposals) may be broken in another
+order by onnxruntime's NMS / top-k than by PyTorch's. The RoI pooler's feature scales
+(1/4..1/32) are constants of the graph; eager PyTorch re-estimates them per call from the
+unpadded image size, which goes wrong (1/2 instead of 1/4) when a small image is padded by
+more than 41 % to the multiple of 32 (e.g. 40x40 with ``min_size=0``): there the two differ.
 """
 from __future__ import annotations
 
@@ -22,7 +38,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["export_onnx", "export_checkpoint", "OnnxSegmenter", "predict_files_onnx", "onnx_metadata"]
+__all__ = ["export_onnx", "export_checkpoint", "OnnxModel", "OnnxSegmenter", "OnnxInstanceSegmenter", "open_onnx",
+           "instance_id_map", "predict_files_onnx", "onnx_metadata"]
 
 _META_KEY = "pixelwise"
 
@@ -170,16 +187,26 @@ def onnx_metadata(model: Any, ckpt: dict[str, Any] | None = None) -> dict[str, A
     if hasattr(model, "valid_input_sizes") and hasattr(model, "output_margin"):
         meta["output_margin"] = int(model.output_margin)
         meta["valid_sizes"] = [int(n) for n in model.valid_input_sizes(1, 4096)]
+    if meta["task"] == "instance":
+        n = int(getattr(model, "num_classes", 0) or 0)
+        meta["category_ids"] = (ckpt or {}).get("category_ids") or list(range(n))
+        meta["mask_threshold"] = float(getattr(model, "mask_threshold", 0.5))
+        roi_heads = getattr(model, "roi_heads", None)
+        if roi_heads is not None:
+            meta["box_score_thresh"] = float(roi_heads.score_thresh)
+            meta["detections_per_img"] = int(roi_heads.detections_per_img)
     return meta
 
 
 def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, size: int | Sequence[int] = 64,
                 in_channels: int | None = None, opset: int = 17, metadata: dict[str, Any] | None = None,
                 fold: bool = True) -> Path:
-    """Export a semantic ``model`` (eval mode; a deep copy is folded) to ONNX at ``out``.
+    """Export a semantic ``model`` (eval mode; a deep copy is folded) to ONNX at ``out``;
+    a Mask R-CNN (task ``instance``) goes to :func:`_export_instance` (one image per run).
 
     ``size``: the example input's (H, W) (``unet_original``: rounded up to a valid size);
-    ``dynamic``: free batch, height and width. Written atomically (temporary name, rename).
+    ``dynamic``: free batch, height and width (Mask R-CNN: height and width; its number of
+    detections is always free). Written atomically (temporary name, rename).
     """
     import copy
 
@@ -187,8 +214,12 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
 
     from pixelwise.inference import _in_channels, fold_conv_bn
 
-    if getattr(model, "pixelwise_task", "semantic") != "semantic":
-        raise NotImplementedError("ONNX export covers the semantic models; Mask R-CNN export is not implemented yet")
+    task = getattr(model, "pixelwise_task", "semantic")
+    if task == "instance":
+        return _export_instance(model, out, dynamic=dynamic, size=size, in_channels=in_channels, opset=opset,
+                                metadata=metadata, fold=fold)
+    if task != "semantic":
+        raise NotImplementedError(f"ONNX export covers the semantic models and Mask R-CNN, not {task!r} models")
     model = copy.deepcopy(model).eval().requires_grad_(False)
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     h, w = _export_size(model, h), _export_size(model, w)
@@ -217,12 +248,17 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
         torch.onnx.export(_Logits(model), (x,), str(tmp), dynamo=False, input_names=["image"],
                           output_names=["logits"], dynamic_axes=axes if dynamic else None, opset_version=opset,
                           do_constant_folding=True)
+    return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
+
+
+def _finish(tmp: Path, out: Path, metadata: dict[str, Any], dynamic: bool, size: tuple[int, int]) -> Path:
+    """Store the metadata JSON in the exported file ``tmp`` and move it to ``out``."""
     import onnx
 
     proto = onnx.load(str(tmp))
-    meta = dict(metadata or onnx_metadata(model))
+    meta = dict(metadata)
     meta["dynamic"] = bool(dynamic)
-    meta["export_size"] = [h, w]
+    meta["export_size"] = [int(size[0]), int(size[1])]
     entry = proto.metadata_props.add()
     entry.key, entry.value = _META_KEY, json.dumps(meta)
     onnx.save(proto, str(tmp))
@@ -230,10 +266,60 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
     return out
 
 
+_INSTANCE_OUTPUTS = ("boxes", "labels", "scores", "masks")
+
+
+def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size: int | Sequence[int],
+                     in_channels: int | None, opset: int, metadata: dict[str, Any] | None, fold: bool) -> Path:
+    """Mask R-CNN (torchvision detection convention) -> ONNX graph of one image (see the module
+    docstring). The TorchScript exporter (``dynamo=False``) traces torchvision's ONNX-aware
+    code paths: dynamic resize / batching, ``NonMaxSuppression``, ``RoiAlign`` (opset >= 16
+    for the half-pixel ``aligned`` offset), the mask pasting loop."""
+    import copy
+
+    import torch
+
+    from pixelwise.inference import fold_conv_bn
+
+    if opset < 16:
+        raise ValueError(f"Mask R-CNN export needs opset >= 16 (RoiAlign with half-pixel offset), got {opset}")
+    model = copy.deepcopy(model).eval().requires_grad_(False)
+    h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    c = in_channels if in_channels is not None else int(getattr(model, "in_channels", 3))
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
+    x = torch.randn(c, h, w, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if fold:
+        fold_conv_bn(model, [x])
+
+    class _OneImage(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            y = self.m([image])[0]
+            return tuple(y[k] for k in _INSTANCE_OUTPUTS)
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    axes: dict[str, dict[int, str]] = {k: {0: "detections"} for k in _INSTANCE_OUTPUTS}
+    if dynamic:
+        axes["image"] = {1: "height", 2: "width"}
+        axes["masks"] = {0: "detections", 2: "height", 3: "width"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer / deprecation chatter
+        torch.onnx.export(_OneImage(model).eval(), (x,), str(tmp), dynamo=False, input_names=["image"],
+                          output_names=list(_INSTANCE_OUTPUTS), dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True)
+    return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, format: str = "onnx",
                       dynamic: bool = False, size: int | None = None, opset: int = 17) -> Path:
-    """Export the model of a pixelwise checkpoint (``format="onnx"``), with its classes and
-    normalisation in the file's metadata. ``size``: example input side (default 512; a
+    """Export the model of a pixelwise checkpoint (``format="onnx"``; semantic models and
+    Mask R-CNN), with its classes, normalisation (and for Mask R-CNN its COCO category ids and
+    mask threshold) in the file's metadata. ``size``: example input side (default 512; a
     fixed-size export only runs at that size)."""
     from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from pixelwise.errors import PixelwiseError
@@ -241,8 +327,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, for
     if format != "onnx":
         raise PixelwiseError(f"unknown export format {format!r}; available: onnx")
     ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("task") == "instance":
-        raise PixelwiseError(f"{checkpoint}: ONNX export of Mask R-CNN is not implemented yet (semantic models only)")
+    if ckpt.get("task", "semantic") not in ("semantic", "instance"):
+        raise PixelwiseError(f"{checkpoint}: ONNX export covers semantic models and Mask R-CNN, not "
+                             f"{ckpt.get('task')!r} models")
     model = model_from_checkpoint(ckpt, checkpoint).eval()
     in_ch = 1 if ckpt.get("normalization", {}).get("image_mode") == "L" else None
     return export_onnx(model, out, dynamic=dynamic, size=size or 512, in_channels=in_ch, opset=opset,
@@ -252,23 +339,29 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, for
 # --- running an exported model ------------------------------------------------------------------
 
 
-class OnnxSegmenter:
-    """An exported semantic model in onnxruntime: ``logits(x)`` on normalised float32 NCHW
-    arrays, ``predict(image)`` from a uint8 (H, W[, C]) image to (H, W) class ids. Images of
-    any size are mirror-padded for ``unet_original`` (one valid tile around the image) and
-    run as they are otherwise (a fixed-size export needs its export size)."""
+def _session(path: Path, threads: int | None) -> Any:
+    import onnxruntime as ort
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None):
-        import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
+
+def _session_meta(session: Any) -> dict[str, Any]:
+    raw = session.get_modelmeta().custom_metadata_map.get(_META_KEY)
+    return json.loads(raw) if raw else {}
+
+
+class OnnxModel:
+    """An exported pixelwise model in an onnxruntime session (CPU): its metadata (``meta``),
+    classes and normalisation; ``normalize(image)`` turns a uint8 image into its input."""
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, *, session: Any = None):
         self.path = Path(path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        raw = self.session.get_modelmeta().custom_metadata_map.get(_META_KEY)
-        self.meta: dict[str, Any] = json.loads(raw) if raw else {}
+        self.session = session if session is not None else _session(self.path, threads)
+        self.meta: dict[str, Any] = _session_meta(self.session)
         self.input_name = self.session.get_inputs()[0].name
         norm = self.meta.get("normalization") or {}
         self.image_mode = norm.get("image_mode", "RGB")
@@ -279,8 +372,9 @@ class OnnxSegmenter:
     def classes(self) -> list[dict[str, Any]] | None:
         return self.meta.get("classes")
 
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    @property
+    def task(self) -> str:
+        return str(self.meta.get("task", "semantic"))
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
         """uint8 (H, W[, C]) -> float32 (1, C, H, W) with the checkpoint's mean/std."""
@@ -289,6 +383,16 @@ class OnnxSegmenter:
         c = x.shape[0]
         x = (x - self.mean[:c, None, None]) / self.std[:c, None, None]
         return x[None]
+
+
+class OnnxSegmenter(OnnxModel):
+    """An exported semantic model in onnxruntime: ``logits(x)`` on normalised float32 NCHW
+    arrays, ``predict(image)`` from a uint8 (H, W[, C]) image to (H, W) class ids. Images of
+    any size are mirror-padded for ``unet_original`` (one valid tile around the image) and
+    run as they are otherwise (a fixed-size export needs its export size)."""
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def _padded_logits(self, x: np.ndarray) -> np.ndarray:
         margin = self.meta.get("output_margin")
@@ -309,21 +413,84 @@ class OnnxSegmenter:
         return (y[0] > 0).astype(np.int64) if y.shape[0] == 1 else y.argmax(0)
 
 
+class OnnxInstanceSegmenter(OnnxModel):
+    """An exported Mask R-CNN in onnxruntime. ``outputs(x)``: the graph's ``boxes``,
+    ``labels``, ``scores``, ``masks`` (probabilities (K, 1, H, W)) for ONE normalised float32
+    (C, H, W) image - a batch is one call per image; ``detect(image)``: the detections of a
+    uint8 image with score >= ``score_threshold`` and masks binarised at the exported
+    model's ``mask_threshold``."""
+
+    @property
+    def mask_threshold(self) -> float:
+        return float(self.meta.get("mask_threshold", 0.5))
+
+    @property
+    def category_ids(self) -> list[int]:
+        ids = self.meta.get("category_ids")
+        return [int(i) for i in ids] if ids else list(range(len(self.classes or [])))
+
+    def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim != 3:
+            raise ValueError(f"the exported Mask R-CNN takes one (C, H, W) image per call, got shape {x.shape}")
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(None, {self.input_name: x})))
+
+    def detect(self, image: np.ndarray, score_threshold: float = 0.5) -> dict[str, np.ndarray]:
+        """``boxes`` (K, 4) float32 xyxy, ``labels`` (K,) int64, ``scores`` (K,), ``masks``
+        (K, H, W) bool of a uint8 (H, W[, C]) image, best score first."""
+        y = self.outputs(self.normalize(image)[0])
+        keep = y["scores"] >= score_threshold
+        masks = y["masks"][keep]
+        return {"boxes": y["boxes"][keep], "labels": y["labels"][keep].astype(np.int64), "scores": y["scores"][keep],
+                "masks": (masks[:, 0] if masks.ndim == 4 else masks) >= self.mask_threshold}
+
+    def predict(self, image: np.ndarray, score_threshold: float = 0.5) -> np.ndarray:
+        """(H, W) uint8 instance ids 1..K (0 = none; the best score on top)."""
+        return instance_id_map(self.detect(image, score_threshold)["masks"], image.shape[:2])
+
+
+def instance_id_map(masks: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """(H, W) uint8 map of (K, H, W) bool masks sorted by score: pixel = 1 + index of the
+    best-scoring mask covering it (ids above 254 share 254), 0 = none - as
+    ``predict_instance_files`` writes it."""
+    ids = np.zeros(tuple(shape[:2]), np.uint8)
+    for k in range(len(masks) - 1, -1, -1):  # lowest score first, so the best ends on top
+        ids[masks[k]] = min(k + 1, 254)
+    return ids
+
+
+def open_onnx(path: str | os.PathLike, threads: int | None = None) -> OnnxSegmenter | OnnxInstanceSegmenter:
+    """The runner of an exported pixelwise model, by the task in its metadata."""
+    from pixelwise.errors import PixelwiseError
+
+    if not Path(path).is_file():
+        raise PixelwiseError(f"{path}: ONNX model not found")
+    session = _session(Path(path), threads)
+    task = _session_meta(session).get("task", "semantic")
+    runners = {"semantic": OnnxSegmenter, "instance": OnnxInstanceSegmenter}
+    if task not in runners:
+        raise PixelwiseError(f"{path}: cannot predict with a {task!r} ONNX model (semantic and instance only)")
+    return runners[task](path, session=session)
+
+
 def predict_files_onnx(onnx_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
-                       alpha: float = 0.5, progress: bool = True, threads: int | None = None) -> list[Path]:
+                       alpha: float = 0.5, progress: bool = True, threads: int | None = None,
+                       score_threshold: float = 0.5) -> list[Path]:
     """``predict_files`` with an exported model: ``OUT/{stem}.png`` (palette labels) and
-    ``OUT/{stem}_overlay.png`` per image; onnxruntime + NumPy, no PyTorch in the loop."""
+    ``OUT/{stem}_overlay.png`` per image; onnxruntime + NumPy, no PyTorch in the loop.
+    A Mask R-CNN export writes what ``predict_instance_files`` writes (see
+    :func:`_predict_instance_files_onnx`)."""
     from tqdm import tqdm
 
     from pixelwise.data.classes import ClassInfo, palette_bytes
     from pixelwise.data.io import read_image, write_image, write_label_png
     from pixelwise.engine.predict import collect_inputs
-    from pixelwise.errors import PixelwiseError
     from pixelwise.viz import overlay
 
-    seg = OnnxSegmenter(onnx_path, threads)
-    if seg.meta.get("task", "semantic") != "semantic":
-        raise PixelwiseError(f"{onnx_path}: only semantic ONNX models can be used for prediction")
+    seg = open_onnx(onnx_path, threads)
+    if isinstance(seg, OnnxInstanceSegmenter):
+        return _predict_instance_files_onnx(seg, inputs, out, alpha, progress, score_threshold)
     classes_meta = seg.classes
     if not classes_meta:
         n = int(seg.session.get_outputs()[0].shape[1]) if isinstance(seg.session.get_outputs()[0].shape[1], int) else 2
@@ -341,5 +508,43 @@ def predict_files_onnx(onnx_path: str | os.PathLike, inputs: Iterable[str | os.P
         write_label_png(out / f"{f.stem}.png", label.astype(np.uint8), pal)
         rgb = image if image.ndim == 3 else np.repeat(image[..., None], 3, 2)
         write_image(out / f"{f.stem}_overlay.png", overlay(rgb, label, colors, alpha))
+        written.append(out / f"{f.stem}.png")
+    return written
+
+
+def _predict_instance_files_onnx(seg: OnnxInstanceSegmenter, inputs: Iterable[str | os.PathLike],
+                                 out: str | os.PathLike, alpha: float, progress: bool,
+                                 score_threshold: float) -> list[Path]:
+    """Per image, as ``predict_instance_files``: ``OUT/{stem}.png`` (palette PNG of instance ids
+    1..K, 0 = none, best score on top), ``OUT/{stem}_overlay.png`` (each instance in its own
+    colour with class and score) and ``OUT/{stem}.json`` (COCO results, RLE) of the detections
+    with score >= ``score_threshold``. onnxruntime, NumPy and PIL only in the loop."""
+    from tqdm import tqdm
+
+    from pixelwise.data.classes import palette_bytes
+    from pixelwise.data.io import read_image, write_image, write_label_png
+    from pixelwise.engine.common import write_json
+    from pixelwise.engine.instance import draw_instances
+    from pixelwise.engine.predict import collect_inputs
+    from pixelwise.metrics.instance import detections_to_coco
+
+    n = len(seg.category_ids)
+    names = [c["name"] for c in seg.classes] if seg.classes else [str(i) for i in range(n)]
+    category_ids = seg.category_ids
+    pal = palette_bytes(None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in tqdm(collect_inputs(inputs), desc="predict (onnx)", unit="img", disable=not progress):
+        image = read_image(f, mode=seg.image_mode)
+        det = seg.detect(image, score_threshold)
+        write_label_png(out / f"{f.stem}.png", instance_id_map(det["masks"], image.shape[:2]), pal)
+        vis = draw_instances(image, det["masks"], det["boxes"], det["labels"].tolist(), det["scores"].tolist(),
+                             names, alpha)
+        write_image(out / f"{f.stem}_overlay.png", vis)
+        dets = detections_to_coco(f.stem, det, category_ids)
+        for d, lab in zip(dets, det["labels"].tolist()):
+            d["class_name"] = names[lab] if 0 <= lab < len(names) else str(lab)
+        write_json(out / f"{f.stem}.json", dets)
         written.append(out / f"{f.stem}.png")
     return written

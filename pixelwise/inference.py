@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 __all__ = ["optimize", "OptimizedModel", "fold_conv_bn", "find_conv_bn_pairs", "probe_input", "max_abs_diff",
-           "default_num_workers"]
+           "default_num_workers", "resolve_num_workers"]
 
 
 def default_num_workers(cpu_count: int | None = None) -> int:
@@ -38,6 +38,21 @@ def default_num_workers(cpu_count: int | None = None) -> int:
     n = cpu_count if cpu_count is not None else (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                                                  else (os.cpu_count() or 1))
     return max(0, min(2, n - 1)) if n > 1 else 0
+
+
+def resolve_num_workers(num_workers: int | None, cpu_count: int | None = None) -> int:
+    """DataLoader workers of a ``num_workers`` setting: ``None`` (the default of
+    ``TrainConfig.num_workers`` and of the evaluation loaders) means auto,
+    :func:`default_num_workers`; an integer >= 0 is taken as it is (0 = load in the main process)."""
+    import numbers
+
+    from pixelwise.errors import PixelwiseError
+
+    if num_workers is None:
+        return default_num_workers(cpu_count)
+    if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+        raise PixelwiseError(f"num_workers must be null (auto) or a whole number >= 0, got {num_workers!r}")
+    return int(num_workers)
 
 
 # --- probe input ------------------------------------------------------------------------------

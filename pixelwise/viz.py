@@ -7,7 +7,8 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["colorize", "overlay", "label_boundaries", "comparison_grid", "save_confusion_matrix", "save_curves"]
+__all__ = ["colorize", "overlay", "label_boundaries", "comparison_grid", "save_confusion_matrix", "save_curves",
+           "save_per_class_bars", "titled_grid", "draw_labelled_masks"]
 
 from pixelwise.data.classes import IGNORE_COLOR  # VOC's colour for the 'void' border
 
@@ -57,7 +58,7 @@ def comparison_grid(rows: Sequence[Sequence[np.ndarray]], gap: int = 4) -> np.nd
 
 
 def save_confusion_matrix(path: str | os.PathLike, confusion: Sequence[Sequence[int]], class_names: Sequence[str],
-                          title: str = "confusion matrix (rows: ground truth, normalised per row)") -> Path:
+                          title: str = "confusion matrix\n(rows: ground truth, normalised per row)") -> Path:
     """Write the row-normalised confusion matrix as a PNG (needs matplotlib)."""
     import matplotlib
 
@@ -69,7 +70,7 @@ def save_confusion_matrix(path: str | os.PathLike, confusion: Sequence[Sequence[
     cm = np.asarray(confusion, np.float64)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(class_names)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.0 + 0.6 * n), max(4.0, 0.8 + 0.6 * n)), dpi=100)
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
@@ -90,6 +91,7 @@ def save_curves(path: str | os.PathLike, history: list[dict], keys: Sequence[str
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from pixelwise.data.io import atomic_write_bytes
 
@@ -99,10 +101,86 @@ def save_curves(path: str | os.PathLike, history: list[dict], keys: Sequence[str
         if pts:
             ax.plot(*zip(*pts), marker="o")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(key)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save_fig(fig, path, plt, atomic_write_bytes)
+
+
+def save_per_class_bars(path: str | os.PathLike, values: Sequence[float | None], class_names: Sequence[str],
+                        title: str = "per-class IoU", xlabel: str = "IoU") -> Path:
+    """Horizontal bars, one per class, with the value written at the end of each bar; a
+    class without a value (None / NaN: absent from ground truth and prediction) reads "n/a"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pixelwise.data.io import atomic_write_bytes
+
+    vals = [float("nan") if v is None else float(v) for v in values]
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(6, 0.8 + 0.35 * n), dpi=100)
+    y = np.arange(n)
+    ax.barh(y, [0.0 if np.isnan(v) else v for v in vals], color="#4878a8")
+    for i, v in enumerate(vals):
+        ax.text(0.01 if np.isnan(v) else min(v, 1.0) + 0.01, i, "n/a" if np.isnan(v) else f"{v:.3f}",
+                va="center", fontsize=8)
+    ax.set_yticks(y, class_names)
+    ax.invert_yaxis()  # first class on top
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return _save_fig(fig, path, plt, atomic_write_bytes)
+
+
+def titled_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], gap: int = 4) -> np.ndarray:
+    """:func:`comparison_grid` with a white header band holding one title per column."""
+    from PIL import Image, ImageDraw
+
+    grid = comparison_grid(rows, gap)
+    w = max(p.shape[1] for r in rows for p in r)
+    band = Image.new("RGB", (grid.shape[1], 14), (255, 255, 255))
+    draw = ImageDraw.Draw(band)
+    for j, t in enumerate(titles):
+        draw.text((j * (w + gap) + 2, 1), t, fill=(0, 0, 0))
+    return np.concatenate([np.asarray(band), grid], axis=0)
+
+
+def draw_labelled_masks(image: np.ndarray, masks: np.ndarray, texts: Sequence[str],
+                        colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): each (H, W) bool mask blended in its colour, its outline drawn and its
+    text (e.g. the class name, or "id class") written at the top-left of its bounding box."""
+    from PIL import Image, ImageDraw
+
+    rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, 2)
+    canvas = rgb[..., :3].astype(np.float32).copy()
+    for m, c in zip(masks, colors):
+        canvas[m] = (1 - alpha) * canvas[m] + alpha * np.asarray(c, np.float32)
+    out = np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
+    for m, c in zip(masks, colors):
+        out[_mask_outline(m)] = c
+    pil = Image.fromarray(out)
+    draw = ImageDraw.Draw(pil)
+    for m, text, c in zip(masks, texts, colors):
+        ys, xs = np.nonzero(m)
+        if len(ys) == 0 or not text:
+            continue
+        x, y = int(xs.min()), int(ys.min())
+        tb = draw.textbbox((x, y), text)
+        draw.rectangle(tb, fill=tuple(int(v) for v in c))
+        draw.text((x, y), text, fill=(0, 0, 0) if sum(c) > 380 else (255, 255, 255))
+    return np.asarray(pil)
+
+
+def _mask_outline(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` with a 4-neighbour outside it (or on the image border)."""
+    p = np.pad(mask, 1, constant_values=False)
+    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return mask & ~inner
 
 
 def _save_fig(fig, path, plt, atomic_write_bytes) -> Path:

@@ -109,6 +109,9 @@ def test_cli_export_and_predict_onnx(tmp_path):
         assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(onnx_path),
                      "--dynamic", "--size", "64"]) == 0
     assert onnx_path.is_file()
+    from pixelwise.export import open_onnx
+
+    assert type(open_onnx(onnx_path)) is OnnxSegmenter  # the runner follows the task in the metadata
     assert main(["predict", "--onnx", str(onnx_path), str(imgs), "--out", str(tmp_path / "p_onnx"), "--quiet"]) == 0
     predict_files(ckpt, [imgs], tmp_path / "p_torch", device="cpu", progress=False)
     assert main(["predict", "--checkpoint", str(ckpt), "--fast", str(imgs), "--out", str(tmp_path / "p_fast"),

@@ -133,3 +133,33 @@ def test_default_num_workers_keeps_two_cores_busy():
     assert default_num_workers(2) == 1
     assert default_num_workers(3) == 2
     assert default_num_workers(64) == 2
+
+
+def test_num_workers_none_means_auto_in_every_loader(tmp_path):
+    """``num_workers=None`` (TrainConfig's and evaluation's default) resolves to
+    default_num_workers() where the loaders are made; explicit values are kept."""
+    import inspect
+
+    from pixelwise.engine.common import make_loader
+    from pixelwise.engine.config import TrainConfig, load_config
+    from pixelwise.engine.evaluate import evaluate_checkpoint
+    from pixelwise.engine.instance import _loader
+    from pixelwise.inference import resolve_num_workers
+
+    assert [resolve_num_workers(None, n) for n in (1, 2, 3, 16)] == [0, 1, 2, 2]
+    assert resolve_num_workers(0, 16) == 0 and resolve_num_workers(5, 2) == 5
+    from pixelwise.errors import PixelwiseError
+
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(PixelwiseError, match="num_workers"):
+            resolve_num_workers(bad)
+    assert TrainConfig().num_workers is None
+    assert inspect.signature(evaluate_checkpoint).parameters["num_workers"].default is None
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("num_workers: 0\n")
+    assert load_config(cfg).num_workers == 0 and load_config(None).num_workers is None
+    ds = [{"image": torch.zeros(3, 4, 4)} for _ in range(3)]
+    assert make_loader(ds, 2, False, None).num_workers == default_num_workers()
+    assert make_loader(ds, 2, False, 0).num_workers == 0
+    assert _loader(ds, 2, False, None).num_workers == default_num_workers()
+    assert _loader(ds, 2, False, 0).num_workers == 0

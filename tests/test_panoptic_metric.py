@@ -836,3 +836,64 @@ def test_no_state_left_after_errors_and_thread_safe():
     with ThreadPoolExecutor(4) as ex:
         threaded = list(ex.map(lambda im: pq_single_image(im[1], im[2], im[3], im[4], RAND_CATS), images))
     assert threaded == serial
+
+
+# (6) the fast paths of the counting and the decoding --------------------------------------
+
+
+def relabel_to(ids: np.ndarray, segs: list, new_ids: list):
+    new = dict(zip([s["id"] for s in segs], new_ids))
+    out = np.zeros_like(ids, dtype=np.int64)
+    for old, nid in new.items():
+        out[ids == old] = nid
+    return out, [{**s, "id": new[s["id"]]} for s in segs]
+
+
+@pytest.mark.parametrize("make_ids", [
+    lambda n: [7 + 65536 * (j + 1) for j in range(n)],  # same low 16 bits: the table keys on bits 8..23
+    lambda n: [65536 * (j + 1) for j in range(n)],  # low 16 bits 0, as VOID's
+    lambda n: [3 + (j + 1) * (1 << 24) for j in range(n)],  # no 16 bits tell them apart: binary search
+    lambda n: [1 + j for j in range(n)],  # small ids
+], ids=["low-bits-collide", "low-bits-void", "binary-search", "small"])
+def test_any_ids_count_alike(make_ids, monkeypatch):
+    """Ids that defeat the 16-bit table (and VOID sharing its key) give the same numbers;
+    the binary-search case really falls back to np.searchsorted."""
+    rng = np.random.default_rng(8)
+    calls = []
+    real_searchsorted = np.searchsorted
+    monkeypatch.setattr(panoptic.np, "searchsorted",
+                        lambda *a, **k: calls.append(1) or real_searchsorted(*a, **k))
+    for _, gt, gs, pred, ps in random_dataset(rng, 4):
+        base = pq_single_image(gt, gs, pred, ps, RAND_CATS)
+        gt2, gs2 = relabel_to(gt, gs, make_ids(len(gs)))
+        pred2, ps2 = relabel_to(pred, ps, make_ids(len(ps))[::-1])
+        calls.clear()
+        assert_stats_close(pq_single_image(gt2, gs2, pred2, ps2, RAND_CATS), base)
+        # searchsorted also places the categories of the matches: count the id lookups only
+        big = make_ids(1)[0] >= 1 << 24
+        assert (len(calls) > 3) == big
+        with pytest.raises(DataError, match="are in the PNG but not in segments_info"):
+            pq_single_image(np.where(gt2 == gs2[0]["id"], gs2[0]["id"] + 256, gt2), gs2, pred2, ps2, RAND_CATS)
+
+
+def test_decode_without_arrow_export(tmp_path, monkeypatch):
+    """The id maps read in place through Pillow's Arrow export equal those of the copying
+    fallback (older Pillow, or image memory in several blocks) and of rgb2id."""
+    gt_json, pred_json = _files(tmp_path)
+    want = pq_compute(gt_json, pred_json, workers=1)
+    png = tmp_path / "pred" / "000000000002.png"
+    ids = rgb2id(np.asarray(Image.open(png).convert("RGB")))
+    fast = panoptic._decode_png(png)
+    assert fast.dtype == np.uint32 and np.array_equal(fast & 0xFFFFFF, ids)
+    assert not fast.flags.owndata and np.array_equal(panoptic._read_id_png(png), ids)
+
+    def no_rows(self, *a, **k):
+        raise ValueError("Image rows are not contiguous in memory.")
+
+    for patch in ("several-blocks", "old-pillow"):
+        if patch == "several-blocks":
+            monkeypatch.setattr(Image.Image, "__arrow_c_array__", no_rows)
+        else:
+            monkeypatch.delattr(Image.Image, "__arrow_c_array__")
+        assert np.array_equal(panoptic._decode_png(png) & 0xFFFFFF, ids)
+        assert pq_compute(gt_json, pred_json, workers=1) == want

@@ -34,6 +34,7 @@ __all__ = [
     "atomic_write_text",
     "colors_to_label",
     "read_image",
+    "read_image_info",
     "read_label",
     "write_image",
     "write_label_png",
@@ -146,6 +147,17 @@ _LABEL_MODES = {"P", "L", "1", "I", "I;16", "I;16L", "I;16B", "I;16N", "PA", "LA
 _HIGH_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 
 
+def _tile_rawmode(img: Image.Image) -> str | None:
+    """How the file stores its pixels (PIL's raw mode, e.g. ``"RGB;16B"``), if PIL says."""
+    try:
+        args = img.tile[0].args if img.tile else None
+    except (AttributeError, IndexError):
+        return None
+    if isinstance(args, tuple):
+        args = args[0] if args else None
+    return args if isinstance(args, str) else None
+
+
 def _open_fully(path: str | Path, what: str) -> Image.Image:
     """Open and decode the first frame of an image file completely, or raise DataError.
 
@@ -167,7 +179,10 @@ def _open_fully(path: str | Path, what: str) -> Image.Image:
             ImageFile.LOAD_TRUNCATED_IMAGES = False
             try:
                 img = Image.open(io.BytesIO(data))
+                rawmode = _tile_rawmode(img)
                 img.load()
+                if rawmode:
+                    img.info["pixelwise_rawmode"] = rawmode  # e.g. "RGB;16B": 16 bits per channel in the file
             finally:
                 ImageFile.LOAD_TRUNCATED_IMAGES = saved
     except UnidentifiedImageError:
@@ -199,6 +214,75 @@ def _scale_to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
+_MODE_NAMES = {"1": "1-bit", "L": "grayscale", "LA": "grayscale + alpha", "P": "palette", "PA": "palette + alpha",
+               "RGBA": "RGBA", "CMYK": "CMYK", "YCbCr": "YCbCr", "LAB": "Lab", "HSV": "HSV", "RGBX": "RGBX",
+               "RGBa": "RGBA (premultiplied)", "La": "grayscale + alpha (premultiplied)"}
+
+
+def _conversion_note(img: Image.Image, mode: ImageMode) -> str | None:
+    """What reading ``img`` in ``mode`` changes, in words (None: nothing worth telling)."""
+    src = img.mode
+    if src in _HIGH_BIT_MODES:
+        bits = "32-bit float" if src == "F" else ("32-bit" if src == "I" else "16-bit")
+        note = f"{bits} grayscale image ({src}): scaled to 8 bits by its value range (min -> 0, max -> 255)"
+        return note + (", repeated over 3 channels" if mode == "RGB" else "")
+    deep = ";16" in img.info.get("pixelwise_rawmode", "")
+    if deep and src in ("RGB", "RGBA"):  # PIL keeps the high byte of each 16-bit value
+        note = f"16-bit {src} image: reduced to 8 bits per channel (the high byte of each value)"
+        return note + (", the alpha channel dropped" if src == "RGBA" and mode == "RGB" else
+                       ", converted to grayscale (luma)" if mode == "L" else "")
+    if mode is None or src == mode:
+        return None
+    alpha = src in ("RGBA", "LA", "PA", "RGBa", "La") or (src == "P" and "transparency" in img.info)
+    name = _MODE_NAMES.get(src, src)
+    if mode == "RGB":
+        if src in ("1", "L"):
+            return f"{name} image: repeated over 3 channels (RGB)"
+        if src in ("LA", "La"):
+            return f"{name} image: alpha dropped, gray repeated over 3 channels (RGB)"
+        if alpha:
+            return f"{name} image: the alpha channel (transparency) is dropped"
+        if src == "P":
+            return None  # palette colours are the image's colours: nothing is lost
+        return f"{name} image: converted to RGB"
+    if src in ("1", "LA", "La"):
+        return f"{name} image: read as 8-bit grayscale" if src != "1" else None
+    return f"{name} image: converted to grayscale (luma)"
+
+
+def read_image_info(path: str | Path, mode: ImageMode = "RGB") -> tuple[np.ndarray, str | None]:
+    """:func:`read_image` plus a note saying what the conversion to ``mode`` changed:
+    16-bit/32-bit values scaled to 8 bits, alpha dropped, grayscale repeated over three
+    channels, colour turned to luma (None when the file was read as stored). ``pixelwise
+    data check`` reports the notes as warnings: such images are accepted, not refused."""
+    if mode not in ("RGB", "L", None):
+        raise ValueError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
+    img = _open_fully(path, "image")
+    note = _conversion_note(img, mode)
+    try:
+        if img.mode in _HIGH_BIT_MODES:
+            gray = _scale_to_uint8(np.asarray(img))
+            if mode == "RGB":
+                return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2)), note
+            return gray[:, :, None], note
+        if mode is None:
+            if img.mode == "P":
+                img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+            elif img.mode == "PA":
+                img = img.convert("RGBA")
+            elif img.mode not in ("L", "LA", "RGB", "RGBA"):
+                img = img.convert("RGB")
+        elif img.mode != mode:
+            if mode == "L" and img.mode not in ("1", "LA"):
+                img = img.convert("RGB")  # palette, CMYK, YCbCr, RGBA: through RGB to luma
+            img = img.convert(mode)
+        a = np.array(img, dtype=np.uint8)  # a writable copy
+    except (OSError, ValueError, TypeError) as e:  # a mode PIL cannot convert, odd sample formats
+        raise DataError(path, f"image of mode {img.mode} cannot be converted to {mode or 'an array'} ({e})",
+                        "re-export it as 8-bit RGB or grayscale PNG") from None
+    return (a[:, :, None] if a.ndim == 2 else a), note
+
+
 def read_image(path: str | Path, mode: ImageMode = "RGB") -> np.ndarray:
     """Read an image as a uint8 array of shape (H, W, C).
 
@@ -210,32 +294,14 @@ def read_image(path: str | Path, mode: ImageMode = "RGB") -> np.ndarray:
             1 gray, 2 gray+alpha, 3 RGB, 4 RGBA; palette images become RGB or RGBA).
             16-bit and 32-bit images are scaled to 8 bits by their value range
             (min -> 0, max -> 255). RGBA drops alpha for ``"RGB"``; grayscale is repeated
-            over three channels for ``"RGB"``; colour becomes luma for ``"L"``.
+            over three channels for ``"RGB"``; colour becomes luma for ``"L"``
+            (:func:`read_image_info` also says which of these happened).
 
     Raises:
-        DataError: the file is missing, unreadable, truncated or corrupt.
+        DataError: the file is missing, unreadable, truncated or corrupt, or its mode cannot
+            be converted.
     """
-    if mode not in ("RGB", "L", None):
-        raise ValueError(f"mode must be 'RGB', 'L' or None, got {mode!r}")
-    img = _open_fully(path, "image")
-    if img.mode in _HIGH_BIT_MODES:
-        gray = _scale_to_uint8(np.asarray(img))
-        if mode == "RGB":
-            return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-        return gray[:, :, None]
-    if mode is None:
-        if img.mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        elif img.mode == "PA":
-            img = img.convert("RGBA")
-        elif img.mode not in ("L", "LA", "RGB", "RGBA"):
-            img = img.convert("RGB")
-    elif img.mode != mode:
-        if mode == "L" and img.mode not in ("1", "LA"):
-            img = img.convert("RGB")  # palette, CMYK, YCbCr, RGBA: through RGB to luma
-        img = img.convert(mode)
-    a = np.array(img, dtype=np.uint8)  # a writable copy
-    return a[:, :, None] if a.ndim == 2 else a
+    return read_image_info(path, mode)[0]
 
 
 def read_label(path: str | Path) -> np.ndarray:
@@ -254,6 +320,9 @@ def read_label(path: str | Path) -> np.ndarray:
     if img.format in ("JPEG", "MPO"):
         raise DataError(path, "label map is a JPEG: lossy compression changes the class ids at edges",
                         "save labels as palette or grayscale PNG files")
+    if img.mode == "F":
+        raise DataError(path, "label map holds floating-point values, not integer class ids",
+                        "save labels as palette or grayscale (8/16-bit) PNG files of class ids")
     if img.mode not in _LABEL_MODES:
         raise DataError(
             path,

@@ -16,7 +16,8 @@ from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from pixelwise.errors import DataError
 
 __all__ = ["open_dataset", "pad_collate", "make_loader", "resolve_device", "normalization_for", "write_json",
-           "json_clean", "RepeatDataset", "has_instance_maps"]
+           "json_clean", "RepeatDataset", "has_instance_maps", "apply_skip_bad", "record_skipped",
+           "skipped_report"]
 
 # Fill value of padded pixels per batch key (pad_collate); every other per-pixel key gets 255 = ignore.
 PAD_FILL = {"image": 0, "weight_map": 0}
@@ -32,16 +33,60 @@ def normalization_for(image_mode: str, mean: Sequence[float] | None, std: Sequen
 
 
 def open_dataset(root: str | os.PathLike, split: str, transforms=None, image_mode: str = "RGB",
-                 with_instances: bool = False) -> Dataset:
+                 with_instances: bool = False, skip_bad: bool = False,
+                 report_to: str | os.PathLike | None = None, quiet: bool = False) -> Dataset:
     """Open a semantic dataset on disk. Today: the VOC layout (ours, PASCAL VOC, labelme).
-    ``with_instances`` also loads the instance maps (``instance_map``)."""
+    ``with_instances`` also loads the instance maps (``instance_map``). ``skip_bad``: leave
+    out the samples whose files raise a DataError, print a warning line (unless ``quiet``)
+    and, with ``report_to``, record them in that JSON file (:func:`record_skipped`)."""
     from pixelwise.data.formats.voc import VOCSegmentation
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found", "create one with `pixelwise data synth --out DIR`")
-    return VOCSegmentation(root, split=split, transforms=transforms, image_mode=image_mode,
-                           with_instances=with_instances)
+    ds = VOCSegmentation(root, split=split, transforms=transforms, image_mode=image_mode,
+                         with_instances=with_instances)
+    return apply_skip_bad(ds, skip_bad, split, root, report_to, quiet=quiet)
+
+
+def apply_skip_bad(ds: Dataset, skip_bad: bool, split: str, root: str | os.PathLike,
+                   report_to: str | os.PathLike | None = None, *, quiet: bool = False) -> Dataset:
+    """``ds`` without its bad samples when ``skip_bad`` (see :func:`open_dataset`); any
+    task's dataset (VOC, COCO instances, COCO panoptic)."""
+    from pixelwise.data.formats.base import skip_bad_samples
+
+    ds = skip_bad_samples(ds, skip_bad, f"split {split!r} of {root}", quiet=quiet)
+    if skip_bad and report_to is not None:
+        record_skipped(report_to, split, ds)
+    return ds
+
+
+def skipped_report(ds: Dataset) -> dict[str, Any] | None:
+    """``{"count", "total", "samples": [{file, problem, fix}]}`` of a dataset opened with
+    ``skip_bad`` (None for one opened without)."""
+    from pixelwise.data.formats.base import SkipBadSamples
+
+    while not isinstance(ds, SkipBadSamples) and hasattr(ds, "__dict__") and "base" in vars(ds):
+        ds = vars(ds)["base"]  # through RepeatDataset, WeightMapDataset, ...
+    return ds.report() if isinstance(ds, SkipBadSamples) else None
+
+
+def record_skipped(path: str | os.PathLike, split: str, ds: Dataset) -> None:
+    """Add the skipped samples of ``split`` to the JSON file ``path`` (``{split: report}``,
+    written atomically; e.g. ``RUN/skipped_samples.json`` of a training run)."""
+    report = skipped_report(ds)
+    if report is None:
+        return
+    path = Path(path)
+    data: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = {}
+    data[split] = report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, data)
 
 
 def has_instance_maps(root: str | os.PathLike) -> bool:
@@ -95,15 +140,21 @@ def pad_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int | None = None, seed: int = 0,
+                drop_last: bool = False, sampler=None) -> DataLoader:
+    """``sampler`` (e.g. a rank's share under torchrun, engine/distributed.py) replaces ``shuffle``;
+    ``num_workers=None``: auto (:func:`pixelwise.inference.default_num_workers`)."""
+    from pixelwise.inference import resolve_num_workers
+
     if len(ds) == 0:
         raise DataError(getattr(ds, "root", "dataset"), "the split is empty")
     g = torch.Generator()
     g.manual_seed(seed)
+    n = len(ds) if sampler is None else len(sampler)
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=pad_collate,
-        generator=g, drop_last=drop_last and len(ds) > batch_size, persistent_workers=False,
+        ds, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
+        num_workers=resolve_num_workers(num_workers), collate_fn=pad_collate,
+        generator=g, drop_last=drop_last and n > batch_size, persistent_workers=False,
     )
 
 

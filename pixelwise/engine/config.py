@@ -1,19 +1,23 @@
 """Training configuration: one flat set of keys shared by YAML config files and CLI flags.
 
-Precedence: built-in defaults < ``--config FILE.yaml`` < explicit command-line flags.
+Precedence: built-in defaults < ``--config FILE.yaml`` < explicit command-line flags
+(``--model-arg`` merges into ``model_kwargs``) < ``--set KEY=VALUE`` (:func:`apply_overrides`;
+any key, dotted keys reach into mappings: ``--set model_kwargs.backbone=resnet18``). The
+resolved config is saved as ``RUN/config.json`` and in every checkpoint (``config``).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
 from pixelwise.errors import PixelwiseError
 
-__all__ = ["TrainConfig", "load_config"]
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "parse_set"]
 
 
 @dataclass
@@ -45,13 +49,19 @@ class TrainConfig:
     image_mode: str = "RGB"  # RGB | L
     mean: list[float] | None = None
     std: list[float] | None = None
-    num_workers: int = 1
+    num_workers: int | None = None  # DataLoader workers; None = auto (inference.default_num_workers: min(2, cores - 1))
     seed: int = 0
     time_limit: float | None = None  # seconds; training stops after the epoch that passes it
     eval_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None
     resume: bool = False
+    checkpoint_every: int = 0  # also write step_{N}.pt (and last.pt) every N steps; 0 = at epoch ends only
+    keep_last: int = 3  # step checkpoints kept (the newest); 0 keeps all
+    deterministic: bool = False  # deterministic kernels: a resumed run ends like an uninterrupted one
+    amp: bool = True  # bf16 autocast on CUDA (no effect on the CPU)
+    skip_bad_samples: bool = False  # leave out (and count) samples whose files raise a DataError
+    tensorboard: bool = False  # also log scalars and a few images to RUN/tensorboard (engine/loggers.py)
     progress: bool = True
 
     def to_dict(self) -> dict[str, Any]:
@@ -77,4 +87,89 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     unknown = sorted(set(values) - known)
     if unknown:
         raise PixelwiseError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    return TrainConfig(**values)
+
+
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def parse_set(text: str) -> tuple[list[str], Any]:
+    """``"KEY=VALUE"`` -> (key path, value). The key is split at dots
+    (``model_kwargs.backbone``); the value is read as YAML: ``0.02``, ``1e-3``, ``true``,
+    ``null`` (or nothing), ``[2, 4, 6]``, ``{w0: 10, sigma: 5}``, else a string."""
+    if "=" not in text:
+        raise PixelwiseError(f"--set {text!r}: expected KEY=VALUE, e.g. --set lr=0.02")
+    key, raw = text.split("=", 1)
+    path = [k.strip() for k in key.strip().split(".")]
+    if not all(path):
+        raise PixelwiseError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise PixelwiseError(f"--set {text!r}: the value is not valid YAML ({str(e).splitlines()[0]})") from None
+    if isinstance(value, str) and _NUMBER.match(value.strip()):  # YAML 1.1 reads 1e-3 as a string
+        value = float(value)
+    return path, value
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
+
+
+def _typed(name: str, value: Any, default: Any, text: str) -> Any:
+    """``value`` checked against the type of the key's default (keys whose default is None take anything)."""
+    def bad(kind: str) -> PixelwiseError:
+        return PixelwiseError(f"--set {text}: {name} takes {kind}, got {value!r}")
+
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise bad("a whole number")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if isinstance(default, str):
+        if isinstance(value, (dict, list)) or value is None:
+            raise bad("a string")
+        return value if isinstance(value, str) else str(value)
+    if isinstance(default, dict) and not isinstance(value, dict):
+        raise bad("a mapping, e.g. {backbone: resnet18}")
+    return value
+
+
+def apply_overrides(cfg: TrainConfig, sets: Sequence[str]) -> TrainConfig:
+    """A copy of ``cfg`` with ``--set KEY=VALUE`` overrides applied in order (the last word
+    of the precedence chain). ``KEY`` is any :class:`TrainConfig` key, or a dotted path into
+    a mapping-valued key (``model_kwargs.backbone=resnet18``, ``weight_map.w0=5``; missing
+    mappings are created). Unknown keys and values of the wrong type are rejected."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = cfg.to_dict()
+    for text in sets:
+        path, value = parse_set(text)
+        name = path[0]
+        if name not in fields:
+            raise PixelwiseError(f"--set {text}: unknown config key {name!r}; valid keys: {', '.join(sorted(fields))}")
+        if len(path) == 1:
+            values[name] = _typed(name, value, _default_of(fields[name]), text)
+            continue
+        node = values
+        for depth, key in enumerate(path[:-1]):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: depth + 1])
+                raise PixelwiseError(f"--set {text}: {where} is {child!r}, not a mapping; set it whole "
+                                     f"(--set {where}=VALUE)")
+            node = child
+        node[path[-1]] = value
     return TrainConfig(**values)

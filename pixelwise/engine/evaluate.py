@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pixelwise.data.transforms import build_transforms
 from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from pixelwise.engine.common import make_loader, open_dataset, resolve_device, write_json
+from pixelwise.engine.common import make_loader, open_dataset, resolve_device, skipped_report, write_json
 from pixelwise.errors import DataError
 from pixelwise.metrics.instance_f1 import match_instances, summarize_counts
 from pixelwise.metrics.semantic import ConfusionMatrix
@@ -53,7 +53,20 @@ def evaluate_model(model: nn.Module, loader, num_classes: int, device: torch.dev
     """Run ``model`` over ``loader`` and return :meth:`ConfusionMatrix.compute` of the split,
     plus ``"instance"`` (instance F1 of the foreground's connected components, see module
     docstring; components under ``min_size`` pixels are dropped) when ``instance_f1``
-    (batches must then hold ``instance_map``)."""
+    (batches must then hold ``instance_map``).
+
+    Under torchrun, a loader whose sampler is a
+    :class:`~pixelwise.engine.distributed.ShardSampler` holds this rank's block of the split:
+    the confusion matrices and instance counts of all ranks are summed (every rank gets the
+    metrics of the whole split, exactly those of one process). A padding sampler
+    (``DistributedSampler``) would count samples twice and is refused."""
+    from pixelwise.engine import distributed as dist
+
+    sampler = getattr(loader, "sampler", None)
+    sharded = isinstance(sampler, dist.ShardSampler) and dist.is_distributed()
+    if isinstance(sampler, dist.DistributedSampler) and sampler.num_replicas > 1:
+        raise ValueError("evaluate_model: a DistributedSampler repeats samples to even out the ranks; "
+                         "evaluate with pixelwise.engine.distributed.shard_sampler(dataset)")
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=255)
@@ -72,6 +85,11 @@ def evaluate_model(model: nn.Module, loader, num_classes: int, device: torch.dev
                 tp, fp, fn = tp + r["tp"], fp + r["fp"], fn + r["fn"]
                 ious.extend(r["ious"])
     model.train(was_training)
+    if sharded:
+        cm.load_state_dict({"matrix": dist.all_reduce_sum(cm.state_dict()["matrix"])})
+        if instance_f1:
+            tp, fp, fn = (int(v) for v in dist.all_reduce_sum(torch.tensor([tp, fp, fn], dtype=torch.int64)))
+            ious = dist.gather_objects(ious)  # rank order = dataset order
     metrics = cm.compute()
     if instance_f1:
         metrics["instance"] = {**summarize_counts(tp, fp, fn, ious, instance_iou), "min_size": min_size}
@@ -98,22 +116,29 @@ def format_metrics(m: dict[str, Any], class_names: list[str] | None = None) -> s
 
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str = "val",
-                        out: str | os.PathLike | None = None, batch_size: int = 4, num_workers: int = 0,
+                        out: str | os.PathLike | None = None, batch_size: int = 4, num_workers: int | None = None,
                         device: str = "auto", progress: bool = True, *, tile: int | None = None,
                         overlap: int | None = None, flip: bool = False, scales: tuple[float, ...] | None = None,
-                        instance_f1: bool = False, min_size: int = 0, fast: bool = False) -> dict[str, Any]:
+                        instance_f1: bool = False, min_size: int = 0, fast: bool = False,
+                        skip_bad_samples: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint on a dataset split; optionally write the metrics JSON to ``out``.
 
     ``tile``/``overlap``: sliding-window inference (``unet_original``: overlap-tile always,
     ``tile`` = its input tile); ``flip``/``scales``: test-time augmentation; ``instance_f1``:
     also score the connected components of the prediction (those of at least ``min_size``
-    pixels) against the instance maps.
+    pixels) against the instance maps. ``skip_bad_samples``: leave out the samples whose
+    files are unusable (a warning line; ``metrics["skipped_samples"]`` counts and lists them).
     """
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("task") == "instance":  # COCO mask/box AP: engine/instance.py
         from pixelwise.engine.instance import evaluate_instance_checkpoint
 
         return evaluate_instance_checkpoint(checkpoint, data, split, out, batch_size, num_workers, device, progress,
+                                            ckpt=ckpt)
+    if ckpt.get("task") == "panoptic":  # PQ / PQ^Th / PQ^St: engine/panoptic.py
+        from pixelwise.engine.panoptic import evaluate_panoptic_checkpoint
+
+        return evaluate_panoptic_checkpoint(checkpoint, data, split, out, batch_size, num_workers, device, progress,
                                             ckpt=ckpt)
     model = model_from_checkpoint(ckpt, checkpoint)
     dev = resolve_device(device)
@@ -124,7 +149,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         model = optimize(model, inplace=True)
     norm = ckpt["normalization"]
     ds = open_dataset(data, split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]),
-                      image_mode=norm.get("image_mode", "RGB"), with_instances=instance_f1)
+                      image_mode=norm.get("image_mode", "RGB"), with_instances=instance_f1, skip_bad=skip_bad_samples)
     ckpt_names = [c["name"] for c in ckpt["classes"]]
     ds_names = [c.name for c in ds.classes]
     if len(ds_names) != len(ckpt_names):
@@ -139,6 +164,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     metrics["split"] = split
     metrics["inference"] = {"tile": tile, "overlap": overlap, "flip": flip, "scales": list(scales or (1.0,)),
                             "overlap_tile": is_unpadded(model)}
+    if skip_bad_samples:
+        metrics["skipped_samples"] = skipped_report(ds)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(out, metrics)

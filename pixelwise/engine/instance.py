@@ -14,6 +14,11 @@ Crowd regions are left out of the training targets and kept in the evaluation's 
 Evaluation writes the COCO results JSON (RLE masks) and reports mask AP and box AP
 (:func:`pixelwise.metrics.instance.coco_evaluate`, faster-coco-eval). Prediction draws each
 instance in its own colour with its class name and score.
+
+The training loop (:func:`train_detection`) serves every model of torchvision's detection
+convention (training returns a loss dict): a :class:`DetectionTask` says how to open the
+data, build the model, evaluate, and what goes into the checkpoint. :data:`INSTANCE_TASK`
+is Mask R-CNN's; :mod:`pixelwise.engine.panoptic` defines Panoptic FPN's.
 """
 from __future__ import annotations
 
@@ -22,8 +27,9 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -42,6 +48,9 @@ from pixelwise.metrics.instance import coco_evaluate, detections_to_coco, format
 from pixelwise.models.registry import build_model
 
 __all__ = [
+    "DetectionTask",
+    "INSTANCE_TASK",
+    "train_detection",
     "train_instance",
     "evaluate_instance_model",
     "evaluate_instance_checkpoint",
@@ -55,25 +64,37 @@ __all__ = [
 
 def instance_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Images stay a list (sizes may differ; the model batches them); targets are
-    torchvision-style dicts without crowd regions."""
+    torchvision-style dicts without crowd regions, plus the ``semantic`` map when samples
+    have one (Panoptic FPN). Panoptic ground truth (``panoptic``, ``segments``) and the
+    full ``instances`` (crowd included) are kept as lists for evaluation."""
     images, targets, meta = [], [], []
+    extra: dict[str, list] = {k: [] for k in ("instances", "panoptic", "segments") if k in samples[0]}
     for s in samples:
         images.append(s["image"])
         inst = s["instances"]
         keep = ~inst["iscrowd"] if "iscrowd" in inst else torch.ones(len(inst["labels"]), dtype=torch.bool)
-        targets.append({"boxes": inst["boxes"][keep].float(), "labels": inst["labels"][keep].long(),
-                        "masks": inst["masks"][keep].to(torch.uint8)})
+        t = {"boxes": inst["boxes"][keep].float(), "labels": inst["labels"][keep].long(),
+             "masks": inst["masks"][keep].to(torch.uint8)}
+        if "semantic" in s:
+            t["semantic"] = s["semantic"].long()
+        targets.append(t)
         meta.append(s["meta"])
-    return {"images": images, "targets": targets, "meta": meta}
+        for k, v in extra.items():
+            v.append(s[k])
+    return {"images": images, "targets": targets, "meta": meta, **extra}
 
 
-def _loader(ds, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0, drop_last: bool = False) -> DataLoader:
+def _loader(ds, batch_size: int, shuffle: bool, num_workers: int | None, seed: int = 0,
+            drop_last: bool = False) -> DataLoader:
+    """``num_workers=None``: auto (:func:`pixelwise.inference.default_num_workers`)."""
+    from pixelwise.inference import resolve_num_workers
+
     if len(ds) == 0:
         raise DataError(getattr(ds, "annotation_file", "dataset"), "the split has no images")
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, collate_fn=instance_collate,
-                      generator=g, drop_last=drop_last and len(ds) > batch_size)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=resolve_num_workers(num_workers),
+                      collate_fn=instance_collate, generator=g, drop_last=drop_last and len(ds) > batch_size)
 
 
 def _open(data: str, split: str, transforms, image_mode: str, skip_empty: bool = False) -> CocoInstances:
@@ -155,25 +176,80 @@ def evaluate_instance_checkpoint(checkpoint: str | os.PathLike, data: str | os.P
 # ---------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class DetectionTask:
+    """What :func:`train_detection` needs to know about one task (instance, panoptic).
+
+    Attributes:
+        name: the checkpoint's ``task`` and the result's.
+        best_metric: the validation record key that picks ``best.pt`` (higher is better).
+        best_key: the checkpoint key holding the best value so far (for ``--resume``).
+        open: ``(data, split, transforms, image_mode) -> dataset`` of sample dicts.
+        model_args: ``train dataset -> (num_classes, extra build_model kwargs)``.
+        extras: ``dataset -> the checkpoint's category entries`` (also compared between
+            the training and validation splits).
+        evaluate: ``(model, loader, val dataset, device, progress) -> flat record entries``
+            (``best_metric`` among them).
+        describe: ``record -> the metrics part of the epoch's progress line``.
+    """
+
+    name: str
+    best_metric: str
+    best_key: str
+    open: Callable[..., Any]
+    model_args: Callable[[Any], tuple[int, dict[str, Any]]]
+    extras: Callable[[Any], dict[str, Any]]
+    evaluate: Callable[..., dict[str, Any]]
+    describe: Callable[[dict[str, Any]], str]
+
+
+def _instance_record(model: torch.nn.Module, loader: DataLoader, ds: CocoInstances, device: torch.device,
+                     progress: bool) -> dict[str, Any]:
+    m = evaluate_instance_model(model, loader, ds.category_ids, ds.annotation_file, device, progress=progress,
+                                desc="eval")
+    return {**{f"mask_{k}": v for k, v in m["segm"].items()}, **{f"box_{k}": v for k, v in m["bbox"].items()},
+            "seconds_per_image": m["seconds_per_image"]}
+
+
+INSTANCE_TASK = DetectionTask(
+    name="instance", best_metric="mask_AP", best_key="best_mask_ap",
+    open=lambda data, split, tf, mode: _open(data, split, tf, mode),
+    model_args=lambda ds: (len(ds.classes), {}),
+    extras=lambda ds: {"category_ids": list(ds.category_ids)},
+    evaluate=_instance_record,
+    describe=lambda r: (f"mask AP {r['mask_AP']:.3f} AP50 {r['mask_AP50']:.3f}"
+                        f"  box AP {r['box_AP']:.3f} AP50 {r['box_AP50']:.3f}"),
+)
+"""Mask R-CNN on COCO instance data; best by mask AP."""
+
+
 def train_instance(cfg: TrainConfig) -> dict[str, Any]:
     """Train an instance model (``cfg.model``, e.g. ``maskrcnn``) on a COCO dataset; returns
     the best (by mask AP) and last validation records."""
+    return train_detection(cfg, INSTANCE_TASK)
+
+
+def train_detection(cfg: TrainConfig, task: DetectionTask) -> dict[str, Any]:
+    """The training loop of detection-style models (a loss dict in training, one dict per
+    image in eval): ``task`` supplies data, model arguments, evaluation and checkpoint
+    entries. Returns the best (by ``task.best_metric``) and last validation records."""
     from pixelwise.engine.train import build_optimizer, poly_lr_lambda, start_run
 
     device, out, norm = start_run(cfg)
     train_tf = build_transforms(train=True, crop_size=cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max),
                                 flip=cfg.flip, mean=norm["mean"], std=norm["std"])
     eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
-    train_ds = _open(cfg.data, cfg.train_split, train_tf, cfg.image_mode)
-    val_ds = _open(cfg.data, cfg.val_split, eval_tf, cfg.image_mode)
-    classes, category_ids = train_ds.classes, train_ds.category_ids
-    if val_ds.category_ids != category_ids:
+    train_ds = task.open(cfg.data, cfg.train_split, train_tf, cfg.image_mode)
+    val_ds = task.open(cfg.data, cfg.val_split, eval_tf, cfg.image_mode)
+    classes, extras = train_ds.classes, task.extras(train_ds)
+    if task.extras(val_ds) != extras:
         raise DataError(val_ds.annotation_file, "the validation split has other categories than the training split")
 
-    model_kwargs = dict(cfg.model_kwargs)
+    num_classes, task_kwargs = task.model_args(train_ds)
+    model_kwargs = {**task_kwargs, **cfg.model_kwargs}
     if cfg.image_mode == "L":
         model_kwargs.setdefault("in_channels", 1)
-    model = build_model(cfg.model, len(classes), **model_kwargs).to(device)
+    model = build_model(cfg.model, num_classes, **model_kwargs).to(device)
     spec = model.pixelwise_spec
     optimizer = build_optimizer(model.parameters(), cfg)
     repeat = int(getattr(cfg, "repeat", 1) or 1)
@@ -187,8 +263,8 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
     start_epoch, step, best, history = 0, 0, -1.0, []
     last_path = out / "last.pt"
     if cfg.resume:
-        start_epoch, step, best, history = resume_run(out, spec, len(classes), model, optimizer, scheduler,
-                                                      "best_mask_ap")
+        start_epoch, step, best, history = resume_run(out, spec, num_classes, model, optimizer, scheduler,
+                                                      task.best_key)
 
     resolved = cfg.to_dict()
     write_json(out / "config.json", resolved)
@@ -197,8 +273,8 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
     def checkpoint(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
         return {"model": spec, "state_dict": model.state_dict(), "classes": class_dicts, "normalization": norm,
                 "config": resolved, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "step": step, "rng": rng_state(), "metrics": metrics, "best_mask_ap": best,
-                "task": "instance", "category_ids": list(category_ids)}
+                "epoch": epoch, "step": step, "rng": rng_state(), "metrics": metrics, task.best_key: best,
+                "task": task.name, **extras}
 
     t0 = time.time()
     stop = False
@@ -239,29 +315,24 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
                                   **{f"train_{k}": v / max(1, n) for k, v in sums.items() if k != "loss"},
                                   "lr": scheduler.get_last_lr()[0], "time": round(time.time() - t0, 2)}
         if (epoch + 1) % cfg.eval_every == 0 or is_last:
-            m = evaluate_instance_model(model, val_loader, category_ids, val_ds.annotation_file, device,
-                                        progress=cfg.progress, desc="eval")
-            record.update({f"mask_{k}": v for k, v in m["segm"].items()})
-            record.update({f"box_{k}": v for k, v in m["bbox"].items()})
-            record["seconds_per_image"] = m["seconds_per_image"]
-            if m["segm"]["AP"] > best:
-                best = m["segm"]["AP"]
+            record.update(task.evaluate(model, val_loader, val_ds, device, cfg.progress))
+            if record[task.best_metric] > best:
+                best = record[task.best_metric]
                 record["best"] = True
         history.append(record)
         save_epoch(out, history, checkpoint(epoch, record), bool(record.get("best")))
         if cfg.progress:
             msg = f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}"
-            if "mask_AP" in record:
-                msg += (f"  mask AP {record['mask_AP']:.3f} AP50 {record['mask_AP50']:.3f}"
-                        f"  box AP {record['box_AP']:.3f} AP50 {record['box_AP50']:.3f}")
+            if task.best_metric in record:
+                msg += "  " + task.describe(record)
             tqdm.write(msg + f"  ({record['time']:.0f}s)")
         if stop:
             if cfg.progress:
                 tqdm.write(f"time limit of {cfg.time_limit:.0f}s reached: stopping after {step} steps")
             break
-    evaluated = [h for h in history if "mask_AP" in h]
-    best_rec = max(evaluated, key=lambda h: h["mask_AP"]) if evaluated else {}
-    return {"task": "instance", "best": best_rec, "last": history[-1] if history else {}, "steps": step,
+    evaluated = [h for h in history if task.best_metric in h]
+    best_rec = max(evaluated, key=lambda h: h[task.best_metric]) if evaluated else {}
+    return {"task": task.name, "best": best_rec, "last": history[-1] if history else {}, "steps": step,
             "time": time.time() - t0, "out": str(out)}
 
 
@@ -310,14 +381,15 @@ def draw_instances(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, labe
 def predict_instance_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
                            device: str = "auto", alpha: float = 0.5, progress: bool = True,
                            score_threshold: float = 0.5, ckpt: dict[str, Any] | None = None,
-                           **_ignored: Any) -> list[Path]:
+                           skip_existing: bool = False, **_ignored: Any) -> list[Path]:
     """Per input image write ``OUT/{stem}.png`` (palette PNG of instance ids 1..K, 0 = none,
     highest score on top), ``OUT/{stem}_overlay.png`` (each instance in its own colour with
     class and score) and ``OUT/{stem}.json`` (COCO results, RLE) for detections with score
-    >= ``score_threshold``."""
+    >= ``score_threshold``, each atomically, the JSON last. ``skip_existing``: leave out the
+    images whose three files exist (resume an interrupted run)."""
     from pixelwise.data.classes import palette_bytes
     from pixelwise.data.io import read_image, write_image, write_label_png
-    from pixelwise.engine.predict import collect_inputs
+    from pixelwise.engine.predict import collect_inputs, pending_inputs
 
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint).eval()
@@ -332,7 +404,10 @@ def predict_instance_files(checkpoint: str | os.PathLike, inputs: Iterable[str |
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for f in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
+    files = collect_inputs(inputs)
+    if skip_existing:
+        files = pending_inputs(files, out, (".png", "_overlay.png", ".json"))
+    for f in tqdm(files, desc="predict", unit="img", disable=not progress):
         image = read_image(f, mode=mode)
         x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
         x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)

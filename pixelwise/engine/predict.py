@@ -19,12 +19,13 @@ from pixelwise.data.io import read_image, write_image, write_label_png
 from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pixelwise.engine.common import resolve_device
 from pixelwise.engine.evaluate import predict_labels
-from pixelwise.errors import DataError
+from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.viz import overlay
 
-__all__ = ["predict_files", "predict_array", "collect_inputs"]
+__all__ = ["predict_files", "predict_array", "collect_inputs", "pending_inputs"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+SEMANTIC_OUTPUTS = (".png", "_overlay.png")  # per input image, written in this order
 
 
 def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
@@ -43,6 +44,14 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     return files
 
 
+def pending_inputs(files: Iterable[Path], out: str | os.PathLike, suffixes: Iterable[str]) -> list[Path]:
+    """The input images not done yet: an image is done when ``OUT/{stem}{suffix}`` exists for
+    every one of ``suffixes`` (outputs are written atomically, so an existing file is whole)."""
+    out = Path(out)
+    suffixes = tuple(suffixes)
+    return [f for f in files if not all((out / f"{f.stem}{s}").is_file() for s in suffixes)]
+
+
 @torch.inference_mode()
 def predict_array(model: torch.nn.Module, image: np.ndarray, normalization: dict[str, Any],
                   device: torch.device | str = "cpu", *, tile: int | None = None, overlap: int | None = None,
@@ -59,14 +68,26 @@ def predict_array(model: torch.nn.Module, image: np.ndarray, normalization: dict
 def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
                   device: str = "auto", alpha: float = 0.5, progress: bool = True, *, tile: int | None = None,
                   overlap: int | None = None, flip: bool = False,
-                  scales: tuple[float, ...] | None = None, fast: bool = False) -> list[Path]:
+                  scales: tuple[float, ...] | None = None, fast: bool = False,
+                  skip_existing: bool = False) -> list[Path]:
     """Write ``OUT/{stem}.png`` (palette label map) and ``OUT/{stem}_overlay.png`` per input image.
-    ``fast``: run :func:`pixelwise.inference.optimize`'s model (same outputs within 1e-4)."""
+    ``fast``: run :func:`pixelwise.inference.optimize`'s model (same outputs within 1e-4).
+    ``skip_existing``: leave out the images whose outputs all exist (an interrupted run
+    resumes where it stopped; every file is written atomically, the overlay last, so a killed
+    run leaves no partial file and its last image is redone). Returns the label maps written."""
     ckpt = load_checkpoint(checkpoint)
     if ckpt.get("task") == "instance":  # one colour per instance, class and score: engine/instance.py
         from pixelwise.engine.instance import predict_instance_files
 
-        return predict_instance_files(checkpoint, inputs, out, device, alpha, progress, ckpt=ckpt)
+        return predict_instance_files(checkpoint, inputs, out, device, alpha, progress, ckpt=ckpt,
+                                      skip_existing=skip_existing)
+    if ckpt.get("task") == "panoptic":  # COCO panoptic PNGs + panoptic.json, segment overlays: engine/panoptic.py
+        from pixelwise.engine.panoptic import predict_panoptic_files
+
+        if skip_existing:  # its one JSON for the whole folder would have to be merged
+            raise PixelwiseError("--skip-existing is not supported for panoptic checkpoints")
+
+        return predict_panoptic_files(checkpoint, inputs, out, device, alpha, progress, ckpt=ckpt)
     model = model_from_checkpoint(ckpt, checkpoint).eval()
     dev = resolve_device(device)
     model.to(dev)
@@ -82,7 +103,10 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for f in tqdm(collect_inputs(inputs), desc="predict", unit="img", disable=not progress):
+    files = collect_inputs(inputs)
+    if skip_existing:
+        files = pending_inputs(files, out, SEMANTIC_OUTPUTS)
+    for f in tqdm(files, desc="predict", unit="img", disable=not progress):
         image = read_image(f, mode=mode)
         label = predict_array(model, image, norm, dev, tile=tile, overlap=overlap, flip=flip, scales=scales)
         write_label_png(out / f"{f.stem}.png", label.astype(np.uint8), pal)

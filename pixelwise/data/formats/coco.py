@@ -42,9 +42,11 @@ __all__ = [
     "decode_segmentation",
     "encode_rle",
     "find_coco_annotations",
+    "find_coco_image",
     "is_coco_dataset",
     "mask_api",
     "mask_to_polygon",
+    "segmentation_problem",
     "voc_to_coco_instances",
     "write_coco_instances",
 ]
@@ -137,6 +139,41 @@ def decode_segmentation(segm: Any, height: int, width: int) -> np.ndarray:
     if out.shape != (height, width):
         raise ValueError(f"segmentation of size {out.shape[1]}x{out.shape[0]} in an image of {width}x{height}")
     return out
+
+
+POLYGON_TOLERANCE = 1.0  # pixels a polygon vertex may lie outside the image (edge coordinates, rounding)
+
+
+def segmentation_problem(segm: Any, height: int, width: int) -> str | None:
+    """What is wrong with a COCO ``segmentation`` for an image of ``width`` x ``height``, or
+    None: a polygon that is not a flat list of numeric (x, y) pairs, vertices outside the
+    image (by more than :data:`POLYGON_TOLERANCE` px: the mask would be clipped silently), or
+    an RLE of another size. Polygons of fewer than 3 points are not an error here (they have
+    no area and :func:`decode_segmentation` leaves them out)."""
+    if isinstance(segm, list):
+        for k, poly in enumerate(segm):
+            if not isinstance(poly, (list, tuple)) or not all(isinstance(v, (int, float)) for v in poly):
+                return f"polygon {k} is not a flat list of numbers [x0, y0, x1, y1, ...]"
+            if len(poly) % 2:
+                return f"polygon {k} has an odd number of coordinates ({len(poly)}): it needs (x, y) pairs"
+            if len(poly) < 6:  # fewer than 3 points: no area, left out by decode_segmentation
+                continue
+            xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
+            if not (np.isfinite(xs).all() and np.isfinite(ys).all()):
+                return f"polygon {k} has non-finite coordinates"
+            t = POLYGON_TOLERANCE
+            if xs.min() < -t or ys.min() < -t or xs.max() > width + t or ys.max() > height + t:
+                return (f"polygon {k} has points outside the {width}x{height} image (x {xs.min():g}..{xs.max():g}, "
+                        f"y {ys.min():g}..{ys.max():g})")
+        return None
+    if isinstance(segm, dict):
+        size = segm.get("size")
+        if not (isinstance(size, (list, tuple)) and len(size) == 2) or "counts" not in segm:
+            return "RLE segmentation needs 'size' [height, width] and 'counts'"
+        if [int(v) for v in size] != [int(height), int(width)]:
+            return f"RLE of size {size[1]}x{size[0]} in an image of {width}x{height} (width x height)"
+        return None
+    return f"unknown segmentation type {type(segm).__name__} (expected polygons or RLE)"
 
 
 def mask_to_polygon(mask: np.ndarray) -> list[float] | None:
@@ -240,6 +277,18 @@ def find_coco_annotations(data: str | os.PathLike, split: str = "train") -> tupl
     return ann, root
 
 
+def find_coco_image(root: str | os.PathLike, split: str, file_name: str) -> Path | None:
+    """The image file an annotation's ``file_name`` names: looked up under ``root``, then
+    ``root/{split}``, ``root/{split}2017``, ``root/images`` and ``root/JPEGImages``; None
+    when it is in none of them."""
+    root = Path(root)
+    for base in (root, root / split, root / f"{split}2017", root / "images", root / "JPEGImages"):
+        p = base / file_name
+        if p.is_file():
+            return p
+    return None
+
+
 def is_coco_dataset(data: str | os.PathLike, split: str = "train") -> bool:
     """True when ``data`` is a COCO JSON, or a folder holding one for ``split`` (and no VOC labels)."""
     p = Path(data)
@@ -292,9 +341,13 @@ class CocoInstances(SampleDataset):
                       else tuple(colors[i]))
             for i, c in enumerate(cats, start=1)]
         self._anns: dict[int, list[dict[str, Any]]] = {}
+        self._unknown: dict[Any, list[dict[str, Any]]] = {}  # annotations whose category is not listed
+        known = {c.get("id") for c in doc["categories"] if isinstance(c, dict)}
         for a in doc["annotations"]:
             if a.get("category_id") in self._label_of:
                 self._anns.setdefault(a["image_id"], []).append(a)
+            elif a.get("category_id") not in known:
+                self._unknown.setdefault(a.get("image_id"), []).append(a)
         images = sorted(doc["images"], key=lambda im: im["id"])
         if skip_empty:
             images = [im for im in images if any(not a.get("iscrowd", 0) for a in self._anns.get(im["id"], []))]
@@ -310,11 +363,9 @@ class CocoInstances(SampleDataset):
         return len(self.images)
 
     def image_path(self, file_name: str) -> Path:
-        for base in (self.root, self.root / self.split, self.root / f"{self.split}2017", self.root / "images",
-                     self.root / "JPEGImages"):
-            p = base / file_name
-            if p.is_file():
-                return p
+        p = find_coco_image(self.root, self.split, file_name)
+        if p is not None:
+            return p
         raise DataError(self.root / file_name, "image of the COCO annotation file not found",
                         "pass image_root= (the folder file_name is relative to)")
 
@@ -326,9 +377,18 @@ class CocoInstances(SampleDataset):
         h, w = int(image.shape[0]), int(image.shape[1])
         if (info.get("height"), info.get("width")) not in ((h, w), (None, None)):
             raise DataError(path, f"image is {w}x{h} but the annotation file says {info['width']}x{info['height']}")
+        if info["id"] in self._unknown:
+            a = self._unknown[info["id"]][0]
+            raise DataError(self.annotation_file, f"image {info['id']} ({info['file_name']}): annotation {a.get('id')} "
+                            f"has unknown category_id {a.get('category_id')!r}",
+                            "add the category to 'categories' or fix the annotation's category_id")
         anns = self._anns.get(info["id"], [])
         masks = np.zeros((len(anns), h, w), bool)
         for k, a in enumerate(anns):
+            problem = segmentation_problem(a.get("segmentation"), h, w)
+            if problem is not None:
+                raise DataError(self.annotation_file, f"image {info['id']} ({info['file_name']}): annotation "
+                                f"{a.get('id')}: {problem}", "fix the annotation (or the image size in 'images')")
             try:
                 masks[k] = decode_segmentation(a["segmentation"], h, w)
             except (ValueError, KeyError, TypeError) as e:

@@ -30,6 +30,12 @@ stuff -> its class with instance 0, the k-th thing segment (in ``segments`` orde
 class with instance id k. Maps whose instances are numbered 1..K and whose thing pixels all
 belong to one instance of a single class come back unchanged (e.g. VOC ``SegmentationClass`` +
 ``SegmentationObject`` with a shared ignore band, or the shapes dataset).
+
+Reading for training and evaluation: :class:`CocoPanoptic` is a dataset over a panoptic
+JSON, its PNG folder and the images, in the sample-dict contract of the transforms (thing
+segments as Mask R-CNN ``instances``, stuff + one 'thing' class as a ``semantic`` map, and
+the ``panoptic`` id map with its ``segments`` for PQ), with the class conventions of
+:mod:`pixelwise.models.panoptic_fpn`.
 """
 from __future__ import annotations
 
@@ -40,13 +46,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from pixelwise.data.classes import IGNORE_INDEX, ClassInfo
-from pixelwise.data.io import atomic_directory, atomic_write_text, write_image
+from pixelwise.data.classes import IGNORE_INDEX, ClassInfo, palette
+from pixelwise.data.formats.base import SampleDataset
+from pixelwise.data.io import atomic_directory, atomic_write_text, read_image, write_image
 from pixelwise.errors import DataError
 
 __all__ = [
+    "CocoPanoptic",
     "categories_from_classes",
+    "find_panoptic_annotations",
     "panoptic_to_semantic_instance",
     "read_panoptic_png",
     "semantic_instance_to_panoptic",
@@ -346,3 +356,220 @@ def voc_to_coco_panoptic(root: str | os.PathLike, splits: Sequence[str] = ("trai
         written.append(write_coco_panoptic(root, split, records(), classes,
                                            info={"description": f"panoptic {root.name} (from VOC layout)"}))
     return written
+
+
+# ---------------------------------------------------------------------------------------
+# reading: the dataset
+# ---------------------------------------------------------------------------------------
+
+
+def find_panoptic_annotations(data: str | os.PathLike, split: str = "train") -> tuple[Path, Path, Path]:
+    """(panoptic JSON, its PNG folder, image root) of a COCO panoptic dataset given as the
+    JSON itself or as a folder with ``annotations/panoptic_{split}.json`` (``pixelwise data
+    synth``), ``annotations/panoptic_{split}2017.json`` (COCO) or ``panoptic_{split}.json``.
+
+    The PNG folder is the JSON path without ``.json``; the image root is the JSON's folder,
+    or its parent for an ``annotations/`` folder.
+
+    Raises:
+        DataError: no such file, or no PNG folder next to it.
+    """
+    data = Path(data)
+    if data.is_file():
+        ann = data
+    elif data.is_dir():
+        candidates = [data / "annotations" / f"panoptic_{split}.json",
+                      data / "annotations" / f"panoptic_{split}2017.json", data / f"panoptic_{split}.json"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise DataError(data, f"no COCO panoptic annotation file for split {split!r}",
+                            f"expected one of: {', '.join(str(c.relative_to(data)) for c in candidates)} "
+                            "(`pixelwise data synth` writes them; `voc_to_coco_panoptic(DIR)` converts a VOC layout)")
+        ann = found[0]
+    else:
+        raise DataError(data, "dataset not found", "create one with `pixelwise data synth --out DIR`")
+    png_dir = ann.with_suffix("")
+    if not png_dir.is_dir():
+        raise DataError(png_dir, f"folder of the panoptic PNGs of {ann.name} not found",
+                        "the PNGs go in a folder named like the JSON file without .json")
+    root = ann.parent.parent if ann.parent.name == "annotations" else ann.parent
+    return ann, png_dir, root
+
+
+class CocoPanoptic(SampleDataset):
+    """A COCO panoptic dataset (Kirillov et al., CVPR 2019; panopticapi's format) for
+    Panoptic FPN (:mod:`pixelwise.models.panoptic_fpn`).
+
+    Categories: the *things* (``isthing`` 1) sorted by id are ``thing_ids``, the *stuff*
+    sorted by id are ``stuff_ids`` -- exactly the model's ``thing_ids`` / ``stuff_ids``, so
+    its predictions carry the dataset's category ids. ``classes`` lists every category as a
+    :class:`~pixelwise.data.classes.ClassInfo` whose ``id`` is the category id, sorted by id.
+
+    A sample (before ``transforms``)::
+
+        {"image": float (C, H, W) in [0, 1],
+         "instances": {"boxes" (K, 4) float xyxy (x2, y2 exclusive), "labels" (K,) int64
+                       1..T (thing i of thing_ids is label i + 1), "masks" (K, H, W) bool,
+                       "iscrowd" (K,) bool, "category_ids" (K,) int64, "segment_ids" (K,)},
+         "semantic": int64 (H, W): stuff j of stuff_ids -> j (0..S-1), every non-crowd
+                     thing pixel -> S (the 'thing' class), VOID and crowd pixels -> 255,
+         "panoptic": int64 (H, W) segment ids (0 = VOID), as in the PNG,
+         "segments": [{"id", "category_id", "iscrowd", "isthing"}] of the image,
+         "meta": {"id", "image_id", "file", "file_name" (the PNG), "size"}}
+
+    Crowd thing segments stay in ``instances`` with ``iscrowd`` True (the training collate
+    leaves them out; COCO evaluation ignores detections on them). Segments listed in
+    ``segments_info`` but absent from the PNG are left out.
+
+    Args:
+        data: the panoptic JSON, or a dataset folder (:func:`find_panoptic_annotations`).
+        split: used to find the JSON in a folder and as an image sub-folder.
+        transforms: called on each sample dict (:mod:`pixelwise.data.transforms`).
+        image_mode: ``"RGB"`` or ``"L"``.
+        image_root: where the images' ``file_name`` is relative to (default: see
+            :func:`find_panoptic_annotations`; ``{split}/``, ``{split}2017/``, ``images/``
+            and ``JPEGImages/`` below it are tried too).
+
+    Raises:
+        DataError: files not found or unreadable, a JSON that is not COCO panoptic, an image
+            without annotation, an unknown category, a PNG id without segment.
+    """
+
+    def __init__(self, data: str | os.PathLike, split: str = "train", transforms: Any = None,
+                 image_mode: str = "RGB", image_root: str | os.PathLike | None = None) -> None:
+        self.annotation_file, self.png_dir, root = find_panoptic_annotations(data, split)
+        self.root = Path(image_root) if image_root is not None else root
+        self.split = split
+        self.transforms = transforms
+        if image_mode not in ("RGB", "L"):
+            raise ValueError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
+        self.image_mode = image_mode
+        try:
+            doc = json.loads(self.annotation_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DataError(self.annotation_file, f"cannot read the panoptic JSON ({e})") from None
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(doc.get(key), list):
+                raise DataError(self.annotation_file, f"not a COCO panoptic file: no '{key}' list")
+        try:
+            cats = sorted(categories_from_classes(doc["categories"]), key=lambda c: c["id"])
+        except (ValueError, TypeError) as e:
+            raise DataError(self.annotation_file, f"bad 'categories': {e}") from None
+        if not cats:
+            raise DataError(self.annotation_file, "the 'categories' list is empty")
+        given = {int(d["id"]): d.get("color") for d in doc["categories"]}
+        colors = palette(len(cats) + 1)
+        for i, c in enumerate(cats, start=1):  # categories without a valid colour get the VOC palette's
+            col = given[c["id"]]
+            ok = isinstance(col, list) and len(col) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in col)
+            c["color"] = list(col) if ok else list(colors[i])
+        self.categories: list[dict[str, Any]] = cats
+        self.classes = [ClassInfo(c["id"], c["name"], bool(c["isthing"]), tuple(c["color"])) for c in cats]
+        self.thing_ids = [c["id"] for c in cats if c["isthing"]]
+        self.stuff_ids = [c["id"] for c in cats if not c["isthing"]]
+        self._label_of = {cid: i for i, cid in enumerate(self.thing_ids, start=1)}
+        self._stuff_of = {cid: j for j, cid in enumerate(self.stuff_ids)}
+        anns = {}
+        for k, a in enumerate(doc["annotations"]):
+            if not isinstance(a, Mapping) or not all(key in a for key in ("image_id", "file_name", "segments_info")):
+                raise DataError(self.annotation_file,
+                                f"annotation #{k} needs 'image_id', 'file_name' and 'segments_info'")
+            if a["image_id"] in anns:
+                raise DataError(self.annotation_file, f"image_id {a['image_id']!r} has two annotations",
+                                "keep one annotation per image")
+            anns[a["image_id"]] = a
+        self._anns = anns
+        images = sorted(doc["images"], key=lambda im: im["id"])
+        missing = [im["id"] for im in images if im["id"] not in anns]
+        if missing:
+            raise DataError(self.annotation_file, f"images {missing[:10]} have no annotation (segments_info)",
+                            "every image needs an entry in 'annotations'")
+        self.images = images
+        self.ids = [im["id"] for im in images]
+
+    @property
+    def num_things(self) -> int:
+        """Thing categories plus the background: Panoptic FPN's ``num_things``."""
+        return len(self.thing_ids) + 1
+
+    @property
+    def num_stuff(self) -> int:
+        return len(self.stuff_ids)
+
+    @property
+    def thing_class(self) -> int:
+        """The semantic map's 'thing' class (= the number of stuff categories)."""
+        return len(self.stuff_ids)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, file_name: str) -> Path:
+        for base in (self.root, self.root / self.split, self.root / f"{self.split}2017", self.root / "images",
+                     self.root / "JPEGImages"):
+            p = base / file_name
+            if p.is_file():
+                return p
+        raise DataError(self.root / file_name, "image of the panoptic annotation file not found",
+                        "pass image_root= (the folder file_name is relative to)")
+
+    def load(self, index: int) -> dict[str, Any]:
+        """The sample at ``index`` before ``transforms``."""
+        info = self.images[index]
+        ann = self._anns[info["id"]]
+        path = self.image_path(info["file_name"])
+        image = read_image(path, self.image_mode)
+        h, w = int(image.shape[0]), int(image.shape[1])
+        png = self.png_dir / ann["file_name"]
+        id_map = read_panoptic_png(png).astype(np.int64)
+        if id_map.shape != (h, w):
+            raise DataError(png, f"panoptic PNG is {id_map.shape[1]}x{id_map.shape[0]} but its image {path.name} "
+                                 f"is {w}x{h}")
+        uniq, inv = np.unique(id_map, return_inverse=True)
+        inv = inv.reshape(h, w)
+        pos = {int(v): i for i, v in enumerate(uniq.tolist())}
+        sem_of = np.full(len(uniq), IGNORE_INDEX, np.int64)  # VOID and unknown ids stay 255
+        segments, things = [], []
+        for s in ann["segments_info"]:
+            sid, cid, crowd = int(s["id"]), int(s["category_id"]), bool(s.get("iscrowd", 0))
+            if cid in self._label_of:
+                isthing = True
+            elif cid in self._stuff_of:
+                isthing = False
+            else:
+                raise DataError(self.annotation_file, f"image {info['id']}: segment {sid} has category {cid}, "
+                                "which is not in 'categories'")
+            if sid not in pos or sid == 0:
+                continue  # listed but not painted: nothing to learn or score
+            segments.append({"id": sid, "category_id": cid, "iscrowd": int(crowd), "isthing": isthing})
+            if not crowd:
+                sem_of[pos[sid]] = self.thing_class if isthing else self._stuff_of[cid]
+            if isthing:
+                things.append((pos[sid], sid, cid, crowd))
+        unknown = sorted(set(pos) - {s["id"] for s in segments} - {0})
+        if unknown:
+            raise DataError(png, f"segment ids {unknown[:10]} are in the PNG but not in the segments_info of "
+                                 f"image {info['id']}")
+        masks = torch.from_numpy(np.stack([inv == p for p, *_ in things]) if things else np.zeros((0, h, w), bool))
+        from pixelwise.data.transforms import _boxes_from_masks  # the same box rule as the transforms
+
+        instances = {
+            "boxes": _boxes_from_masks(masks),
+            "labels": torch.tensor([self._label_of[cid] for _, _, cid, _ in things], dtype=torch.int64),
+            "masks": masks,
+            "iscrowd": torch.tensor([crowd for *_, crowd in things], dtype=torch.bool),
+            "category_ids": torch.tensor([cid for _, _, cid, _ in things], dtype=torch.int64),
+            "segment_ids": torch.tensor([sid for _, sid, _, _ in things], dtype=torch.int64),
+        }
+        chw = image[:, :, None] if image.ndim == 2 else image
+        return {"image": torch.from_numpy(np.ascontiguousarray(chw.transpose(2, 0, 1))).float().div_(255.0),
+                "instances": instances,
+                "semantic": torch.from_numpy(sem_of[inv]),
+                "panoptic": torch.from_numpy(id_map),
+                "segments": segments,
+                "meta": {"id": str(info["id"]), "image_id": info["id"], "file": str(path),
+                         "file_name": ann["file_name"], "size": (h, w)}}
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.annotation_file)!r}, n={len(self)}, "
+                f"things={len(self.thing_ids)}, stuff={len(self.stuff_ids)})")

@@ -35,7 +35,7 @@ from pixelwise.data.classes import (
 from pixelwise.data.io import read_image, read_label
 from pixelwise.errors import DataError
 
-__all__ = ["VOCSegmentation", "find_voc_classes", "image_to_tensor"]
+__all__ = ["VOCSegmentation", "find_voc_classes", "image_to_tensor", "label_map_problem"]
 
 Sample = dict[str, Any]
 
@@ -83,6 +83,31 @@ def _index_images(folder: Path) -> dict[str, Path]:
         if ext in rank and (stem not in found or rank[ext] < rank[found[stem].suffix.lower()]):
             found[stem] = Path(entry.path)
     return found
+
+
+def label_map_problem(label: np.ndarray, path: str | Path, image_hw: tuple[int, int], num_classes: int | None,
+                      ignore_index: int = IGNORE_INDEX) -> DataError | None:
+    """The problem with a label map, as a DataError to raise or report, or None.
+
+    Checks that ``label`` (H, W) has the image's size and, unless ``num_classes`` is None
+    (instance maps), that every value is a class id ``0 .. num_classes - 1`` or ``ignore_index``.
+    """
+    if label.shape != tuple(image_hw):
+        (lh, lw), (ih, iw) = label.shape, image_hw
+        return DataError(path, f"mask {lw}x{lh} but image {iw}x{ih} (width x height)",
+                         "the label map must have the size of its image")
+    if num_classes is None:
+        return None
+    bad = label >= num_classes
+    if ignore_index >= num_classes:
+        bad &= label != ignore_index
+    bad |= label < 0
+    if bad.any():
+        values = np.unique(label[bad])
+        shown = ", ".join(str(v) for v in values[:10]) + (", ..." if values.size > 10 else "")
+        return DataError(path, f"label values {shown} are not class ids (classes 0..{num_classes - 1}, "
+                         f"{ignore_index} = ignore)", "check the class list (classes.json) or convert the labels")
+    return None
 
 
 class VOCSegmentation(SampleDataset):
@@ -206,21 +231,9 @@ class VOCSegmentation(SampleDataset):
                 f"transforms={self.transforms!r})")
 
     def _check_label(self, label: np.ndarray, path: Path, image_hw: tuple[int, int], instance: bool) -> None:
-        if label.shape != image_hw:
-            (lh, lw), (ih, iw) = label.shape, image_hw
-            raise DataError(path, f"mask {lw}x{lh} but image {iw}x{ih} (width x height)",
-                            "the label map must have the size of its image")
-        if instance:
-            return
-        bad = label >= self.num_classes
-        if self.ignore_index >= self.num_classes:
-            bad &= label != self.ignore_index
-        if bad.any():
-            values = np.unique(label[bad])
-            shown = ", ".join(str(v) for v in values[:10]) + (", ..." if values.size > 10 else "")
-            raise DataError(path, f"label values {shown} are not class ids (classes 0..{self.num_classes - 1}, "
-                            f"{self.ignore_index} = ignore)",
-                            "check the class list (classes.json) or convert the labels")
+        error = label_map_problem(label, path, image_hw, None if instance else self.num_classes, self.ignore_index)
+        if error is not None:
+            raise error
 
     def load(self, index: int) -> Sample:
         """The sample at ``index`` before ``transforms``."""
