@@ -39,20 +39,25 @@ well-formed data the numbers are identical):
   ``n = 0`` instead of panopticapi's ZeroDivisionError.
 - A segment without ``iscrowd`` is not crowd (panopticapi raises KeyError).
 
-Speed: a PNG is decoded by PIL straight to RGBA and read as uint32 ids (no per-channel
-arithmetic); segment ids become dense indices through a lookup table over all 2^24 ids, and
-``bincount`` over ``gt_index * (K_pred + 2) + pred_index``, block by block so that the
-temporaries stay in the CPU cache, gives every (ground truth, prediction) intersection in
-one pass over the pixels. Only the overlapping segment pairs are looked at after that.
-Images are spread over worker processes that each open their own PNG pairs and return a
-small :class:`PQStat` per image, which the parent sums in image order: the result is
+Speed (a 512 x 512 pair costs little more than decoding its two PNGs): PIL decodes a PNG
+into 4 bytes per pixel, which NumPy reads in place as one uint32 per pixel (the id in its
+low 24 bits). One pass over the pixels finds the *runs* (raster order) over which neither
+the ground truth nor the prediction changes; panoptic maps are made of large regions, so
+there are a few thousand runs instead of 262144 pixels, and everything after works on runs:
+their ids become dense segment indices through a 2^16-entry table (checked against the
+real ids; binary search when 16 bits do not tell the ids apart), and one ``bincount`` over
+``gt_index * (K_pred + 2) + pred_index`` weighted by the run lengths gives every
+(ground truth, prediction) intersection. Only the overlapping segment pairs are looked at
+after that, with NumPy, no Python loop over segments. Images are spread over worker
+processes in chunks; each worker opens its own PNG pairs and returns a small
+:class:`PQStat` per image, which the parent sums in image order: the result is
 bit-identical whatever the number of workers.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
-import mmap
 import multiprocessing
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -368,25 +373,15 @@ def format_pq_table(results: Mapping[str, Any]) -> str:
 # one image
 # ---------------------------------------------------------------------------------------
 
-_LUT_MAX_SEGMENTS = 65533  # indices 2 + position must fit the uint16 lookup tables
-_DENSE_MAX_CELLS = 1 << 22  # above this many (gt, pred) cells (and pixels), count pairs by sorting
-_CHUNK_PIXELS = 32768  # pixels per counting block: the temporaries stay in the CPU cache
+_LUT_MAX_SEGMENTS = 65534  # indices 2 + k must fit the uint16 hash table
+_HASH_BITS = 16  # the hash table has 2^16 entries (128 KiB: it stays in the CPU cache)
+_DENSE_MAX_CELLS = 1 << 22  # above this many (gt, pred) cells (and runs), count pairs by sorting
+_CHUNK_PIXELS = 65536  # pixels per run-finding block: the temporaries stay in the CPU cache
+_ID_BITS = np.uint32(0xFFFFFF)  # a decoded PNG pixel is R + 2^8 G + 2^16 B + 2^24 X: X is not the id
 
 # Index convention while counting: 0 = an id that is not in segments_info, 1 = VOID,
 # 2 + k = the k-th segment in ascending id order.
 _UNKNOWN, _VOID_INDEX = 0, 1
-
-
-def _new_lookup_table() -> np.ndarray:
-    """A zeroed uint16 table over all 2^24 ids, backed by an anonymous memory map.
-
-    32 MiB of address space, but the kernel provides zero pages lazily: only the 4 KiB
-    pages of the ids written become resident (a few hundred KiB), creating one costs
-    microseconds, and the mapping goes away with the array."""
-    mm = mmap.mmap(-1, MAX_ID * 2)
-    if hasattr(mm, "madvise") and hasattr(mmap, "MADV_NOHUGEPAGE"):
-        mm.madvise(mmap.MADV_NOHUGEPAGE)  # 2 MiB pages would make every touched id cost 2 MiB
-    return np.frombuffer(mm, np.uint16)
 
 
 def _fmt_ids(ids: Iterable[int], limit: int = 10) -> str:
@@ -398,7 +393,7 @@ def _fmt_ids(ids: Iterable[int], limit: int = 10) -> str:
 class _Segments:
     """The segments_info of one image, validated, in ascending id order."""
 
-    __slots__ = ("cats", "crowd", "ids")
+    __slots__ = ("by_index", "cats", "crowd", "ids")
 
     def __init__(self, segments: Any, cat_ids: set[int] | dict, where: str, image: str):
         if segments is None or isinstance(segments, (str, bytes, Mapping)):
@@ -431,6 +426,7 @@ class _Segments:
         self.ids = np.asarray(ids, np.int64)[order]
         self.cats = np.asarray(cats, np.int64)[order]
         self.crowd = np.asarray(crowd, bool)[order]
+        self.by_index = np.concatenate([[-1, VOID], self.ids])  # the id of each counting index
 
 
 def _as_id_map(x: Any, what: str) -> np.ndarray:
@@ -446,62 +442,96 @@ def _as_id_map(x: Any, what: str) -> np.ndarray:
     return a
 
 
-class _Indexer:
-    """Turns blocks of an id map into indices (0 unknown, 1 VOID, 2 + k segment k).
+def _runs(gt_flat: np.ndarray, pred_flat: np.ndarray) -> np.ndarray:
+    """Start positions of the runs of pixels (raster order) over which neither map changes.
 
-    Fast: a lookup table over all 2^24 ids (np.take). General (ids >= 2^24 or more than
-    65533 segments): binary search in the sorted ids."""
+    Every pixel of a run has the same (gt, pred) value pair, so counting runs weighted by
+    their length counts pixels. Panoptic maps are made of large regions: a 512 x 512 image
+    has a few thousand runs, and everything after this one pass over the pixels (two
+    comparisons, one OR, one nonzero, all on cache-sized blocks) works on runs only."""
+    n = gt_flat.size
+    step = min(n, _CHUNK_PIXELS)
+    change = np.empty(step, bool)
+    other = np.empty(max(step - 1, 0), bool)
+    starts = []
+    for lo in range(0, n, step):
+        g, p = gt_flat[lo:lo + step], pred_flat[lo:lo + step]
+        m = g.size
+        c, o = change[:m], other[:m - 1]
+        c[0] = True  # a block starts a run (runs never cross blocks; that only splits a few)
+        np.not_equal(g[1:], g[:-1], out=c[1:])
+        np.not_equal(p[1:], p[:-1], out=o)
+        np.logical_or(c[1:], o, out=c[1:])
+        s = np.flatnonzero(c)
+        if lo:
+            s += lo
+        starts.append(s)
+    return np.concatenate(starts) if len(starts) != 1 else starts[0]
 
-    def __init__(self, id_map: np.ndarray, segs: _Segments, trusted: bool):
-        self.ids = segs.ids
-        self.lut = None
-        k = len(segs.ids)
-        if k > _LUT_MAX_SEGMENTS or (k and segs.ids[-1] >= MAX_ID):
-            return
-        if not trusted and id_map.size and int(id_map.max()) >= MAX_ID:
-            return
-        self.lut = _new_lookup_table()
-        self.lut[0] = _VOID_INDEX
-        self.lut[segs.ids] = np.arange(2, k + 2, dtype=np.uint16)
 
-    def __call__(self, block: np.ndarray) -> np.ndarray:
-        if self.lut is not None:
-            if block.dtype == np.uint64:  # np.take wants indices it can cast to intp
-                block = block.astype(np.int64)
-            return np.take(self.lut, block)
-        if len(self.ids) == 0:
-            return np.where(block == 0, _VOID_INDEX, _UNKNOWN)
-        flat = block.astype(np.int64, copy=False)
-        pos = np.searchsorted(self.ids, flat)
-        np.minimum(pos, len(self.ids) - 1, out=pos)
-        return np.where(self.ids[pos] == flat, pos + 2, np.where(flat == 0, _VOID_INDEX, _UNKNOWN))
+def _run_ids(flat: np.ndarray, starts: np.ndarray, raw: bool) -> np.ndarray:
+    """The ids (int64) of the runs; ``raw``: the map holds decoded PNG pixels (mask the id bits)."""
+    v = flat[starts]
+    if raw:
+        v &= _ID_BITS
+    elif v.dtype.kind == "u" and v.size and int(v.max()) > np.iinfo(np.int64).max:
+        raise ValueError("segment ids must be < 2^63")
+    return v.astype(np.int64, copy=False)
+
+
+def _index(values: np.ndarray, segs: _Segments) -> np.ndarray:
+    """Index (0 unknown, 1 VOID, 2 + k segment k) of each id in ``values`` (int64).
+
+    A table of 2^16 entries keyed by 16 bits of the id (the low ones, else the next ones
+    that tell VOID and this image's segment ids apart) gives a candidate index per value,
+    which is kept only if its id is the value: one lookup and one comparison per value,
+    whatever the ids. If no 16 bits tell the ids apart (or there are more than 65534
+    segments): binary search in the sorted ids."""
+    ids = segs.ids
+    k = len(ids)
+    if 0 < k <= _LUT_MAX_SEGMENTS:
+        mask = (1 << _HASH_BITS) - 1
+        by_index = segs.by_index  # [-1 (never matches), 0 (VOID), segment ids]: the id of each index
+        for shift in range(0, max(1, int(ids[-1]).bit_length() - 8), 8):  # windows that add high bits
+            table = np.zeros(1 << _HASH_BITS, np.uint16)
+            table[(by_index[1:] >> shift) & mask] = np.arange(1, k + 2, dtype=np.uint16)
+            if int(np.count_nonzero(table)) <= k:
+                continue  # two ids (or an id and VOID) share these bits: try the next ones
+            index = table[(values >> shift) & mask]
+            index *= by_index[index] == values
+            return index
+    if k == 0:
+        return np.where(values == 0, _VOID_INDEX, _UNKNOWN)
+    pos = np.searchsorted(ids, values)
+    np.minimum(pos, k - 1, out=pos)
+    return np.where(ids[pos] == values, pos + 2, np.where(values == 0, _VOID_INDEX, _UNKNOWN))
 
 
 def _count_pairs(gt_map: np.ndarray, gt: _Segments, pred_map: np.ndarray, pred: _Segments,
-                 trusted: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 raw: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(gt index, pred index, pixel count) of every (gt, pred) index pair that occurs, in
-    ascending (gt, pred) order; indices as in :class:`_Indexer`. One pass over the pixels."""
+    ascending (gt, pred) order; indices as in :func:`_index`. One pass over the pixels
+    (:func:`_runs`), then work per run."""
+    gt_flat, pred_flat = gt_map.reshape(-1), pred_map.reshape(-1)
+    n = gt_flat.size
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return empty, empty, empty
+    starts = _runs(gt_flat, pred_flat)
+    lengths = np.diff(starts, append=n)
     width = len(pred.ids) + 2
     cells = (len(gt.ids) + 2) * width
-    h, w = gt_map.shape
-    gi, pi = _Indexer(gt_map, gt, trusted), _Indexer(pred_map, pred, trusted)
-    if cells <= max(_DENSE_MAX_CELLS, h * w):
-        # a table of all (gt, pred) cells, filled block by block so that the temporaries stay
-        # in the CPU cache; blocks of at least 4 x cells pixels keep the per-block cost small
-        step = max(1, max(_CHUNK_PIXELS, 4 * cells) // max(w, 1))
-        counts = np.zeros(cells, np.int64)
-        for r in range(0, h, step):
-            code = gi(gt_map[r:r + step]).astype(np.intp)
-            code *= width
-            code += pi(pred_map[r:r + step])
-            counts += np.bincount(code.ravel(), minlength=cells)
+    code = _index(_run_ids(gt_flat, starts, raw), gt).astype(np.intp)
+    code *= width
+    code += _index(_run_ids(pred_flat, starts, raw), pred)
+    if cells <= max(_DENSE_MAX_CELLS, code.size):
+        # lengths as float64 weights: exact (< 2^53) and bincount's fast path
+        counts = np.bincount(code, weights=lengths, minlength=cells)
         cell = np.flatnonzero(counts)
         cnt = counts[cell]
-    else:  # many segments, few pixels: sort the codes instead of a huge table
-        code = gi(gt_map).astype(np.intp)
-        code *= width
-        code += pi(pred_map)
-        cell, cnt = np.unique(code.ravel(), return_counts=True)
+    else:  # many segments, few runs: sort the codes instead of a huge table
+        cell, inverse = np.unique(code, return_inverse=True)
+        cnt = np.bincount(inverse, weights=lengths, minlength=cell.size)
     return cell // width, cell % width, cnt.astype(np.int64)
 
 
@@ -513,17 +543,18 @@ def _unknown_ids(id_map: np.ndarray, segs: _Segments, where: str, image: str) ->
 
 
 def _pq_one(gt_map: np.ndarray, gt: _Segments, pred_map: np.ndarray, pred: _Segments,
-            where_gt: str, where_pred: str, image: str, trusted: bool = False) -> PQStat:
+            where_gt: str, where_pred: str, image: str, raw: bool = False) -> PQStat:
+    """The PQStat of one image; ``raw``: the maps are decoded PNG pixels (:func:`_decode_png`)."""
     if gt_map.shape != pred_map.shape:
         raise DataError(where_pred, f"{image}: the prediction is {pred_map.shape[1]}x{pred_map.shape[0]} pixels "
                         f"but the ground truth is {gt_map.shape[1]}x{gt_map.shape[0]}",
                         "predict at the resolution of the ground truth")
     kg, kp = len(gt.ids), len(pred.ids)
-    g, p, cnt = _count_pairs(gt_map, gt, pred_map, pred, trusted)
+    g, p, cnt = _count_pairs(gt_map, gt, pred_map, pred, raw)
     if len(g) and g[0] == _UNKNOWN:  # pairs are sorted: unknown gt ids come first
-        raise _unknown_ids(gt_map, gt, where_gt, image)
+        raise _unknown_ids(gt_map & _ID_BITS if raw else gt_map, gt, where_gt, image)
     if np.any(p == _UNKNOWN):
-        raise _unknown_ids(pred_map, pred, where_pred, image)
+        raise _unknown_ids(pred_map & _ID_BITS if raw else pred_map, pred, where_pred, image)
     g -= 1  # from here on: 0 = VOID, 1 + k = segment k
     p -= 1
 
@@ -607,13 +638,59 @@ def pq_single_image(gt_ids: Any, gt_segments: Sequence[Mapping[str, Any]], pred_
 # ---------------------------------------------------------------------------------------
 
 
-def _read_id_png(path: Path) -> np.ndarray:
-    """Decode a COCO panoptic PNG into a uint32 id map (H, W); DataError if it is not RGB.
+class _ArrowSchema(ctypes.Structure):
+    """``struct ArrowSchema`` of the Arrow C data interface (a stable ABI)."""
 
-    Fast path: PIL converts to RGBA in C and the four bytes of a pixel are read as one
-    little-endian uint32 whose top (alpha) byte is masked off. Anything unusual (a missing,
-    truncated or corrupt file, another mode) goes through :func:`read_image`, which
-    raises the library's DataError or decodes it the careful way."""
+
+class _ArrowArray(ctypes.Structure):
+    """``struct ArrowArray`` of the Arrow C data interface."""
+
+
+_ArrowSchema._fields_ = [
+    ("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p), ("flags", ctypes.c_int64),
+    ("n_children", ctypes.c_int64), ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p)]
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64), ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))), ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p)]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _pixels_u32(im: Image.Image) -> np.ndarray:
+    """The decoded pixels of an RGB/RGBA image as uint32 (H, W), without copying them if
+    Pillow exports the image through the Arrow C data interface (Pillow >= 11.2: a fixed
+    size list of 4 uint8 per pixel over one block of image memory; the array keeps that
+    memory alive), else one copy (``tobytes``)."""
+    w, h = im.size
+    try:
+        schema_capsule, array_capsule = im.__arrow_c_array__()
+        schema = _ArrowSchema.from_address(_capsule_pointer(schema_capsule, b"arrow_schema"))
+        arr = _ArrowArray.from_address(_capsule_pointer(array_capsule, b"arrow_array"))
+        if (schema.format == b"+w:4" and schema.n_children == 1 and schema.children[0].contents.format == b"C"
+                and arr.length == w * h and arr.offset == 0 and arr.n_children == 1):
+            child = arr.children[0].contents
+            if child.n_buffers == 2 and child.offset == 0 and child.length == 4 * w * h and child.buffers[1]:
+                memory = (ctypes.c_uint32 * (w * h)).from_address(child.buffers[1])
+                memory._owner = array_capsule  # released (and the image memory with it) with the array
+                return np.frombuffer(memory, "<u4").reshape(h, w)  # bytes R, G, B, X: little-endian
+    except (AttributeError, ValueError, TypeError):  # older Pillow, memory in several blocks
+        pass
+    return np.frombuffer(im.tobytes("raw", "RGBX" if im.mode == "RGB" else "RGBA"), "<u4").reshape(h, w)
+
+
+def _decode_png(path: Path) -> np.ndarray:
+    """Decode a COCO panoptic PNG into a uint32 map (H, W) whose low 24 bits are the ids
+    (``value & 0xFFFFFF``; the top byte is PIL's padding or alpha); DataError if it is not RGB.
+
+    Fast path: PIL decodes an RGB PNG into 4 bytes per pixel, which NumPy reads in place
+    (:func:`_pixels_u32`) as one little-endian uint32 per pixel: no copy, no per-channel
+    arithmetic, and the id bits are masked only where they are used. Anything
+    unusual (a missing, truncated or corrupt file, another mode) goes through
+    :func:`read_image`, which raises the library's DataError or decodes it the careful way."""
     if not ImageFile.LOAD_TRUNCATED_IMAGES:  # else PIL would fill a truncated file with grey
         try:
             with Image.open(path) as im:
@@ -621,8 +698,8 @@ def _read_id_png(path: Path) -> np.ndarray:
                     raise DataError(path, "panoptic id map is a JPEG: lossy compression changes the ids",
                                     "save panoptic maps as RGB PNG files")
                 if im.mode in ("RGB", "RGBA", "P"):
-                    rgba = np.asarray(im if im.mode == "RGBA" else im.convert("RGBA"))
-                    return rgba.view("<u4")[..., 0] & np.uint32(0xFFFFFF)
+                    im.load()  # errors of the file surface here
+                    return _pixels_u32(im.convert("RGB") if im.mode == "P" else im)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
             pass
     rgb = read_image(path, mode=None)  # the whole file is decoded: truncation is an error
@@ -630,6 +707,11 @@ def _read_id_png(path: Path) -> np.ndarray:
         raise DataError(path, f"panoptic PNG has {rgb.shape[2]} channel(s), not RGB: its ids cannot be read as "
                         "R + 256 G + 256^2 B", "write panoptic PNGs as 8-bit RGB (pixelwise.metrics.panoptic.id2rgb)")
     return rgb2id(rgb)
+
+
+def _read_id_png(path: Path) -> np.ndarray:
+    """Decode a COCO panoptic PNG into a uint32 id map (H, W); DataError if it is not RGB."""
+    return _decode_png(path) & _ID_BITS
 
 
 def _load_json(src: Any, what: str) -> tuple[dict, str, Path | None]:
@@ -691,10 +773,8 @@ def _evaluate_chunk(args: tuple) -> list[PQStat] | tuple:
             pred = _Segments(pred_ann["segments_info"], cat_ids, pred_label, image)
             gt_png = gt_folder / gt_ann["file_name"]
             pred_png = pred_folder / pred_ann["file_name"]
-            gt_map = _read_id_png(gt_png)
-            pred_map = _read_id_png(pred_png)
-            stats.append(_pq_one(gt_map, gt, pred_map, pred,
-                                 f"{gt_png} ({gt_label})", f"{pred_png} ({pred_label})", image, trusted=True))
+            stats.append(_pq_one(_decode_png(gt_png), gt, _decode_png(pred_png), pred,
+                                 f"{gt_png} ({gt_label})", f"{pred_png} ({pred_label})", image, raw=True))
     except DataError as e:
         return ("DataError", e.path, e.problem, e.fix)
     return stats
@@ -706,6 +786,9 @@ def _sum_into(stat: PQStat, results: Iterable[list[PQStat] | tuple]) -> None:
             raise DataError(*r[1:])
         for s in r:
             stat += s
+
+
+_IMAGES_PER_WORKER = 16  # with workers=None, a process is started for every 16 images
 
 
 def _default_workers() -> int:
@@ -726,9 +809,10 @@ def pq_compute(gt_json: Any, pred_json: Any, gt_folder: Any = None, pred_folder:
             categories (with ``isthing``) come from the ground truth.
         gt_folder, pred_folder: the PNG folders; by default the JSON path without ``.json``
             (``panoptic_val2017.json`` -> ``panoptic_val2017/``), as in panopticapi.
-        workers: processes; None = min(CPU count, 8), 1 = in this process. Each worker
-            decodes its own PNG pairs and returns a small :class:`PQStat`; the parent sums
-            them, so memory does not grow with the number of images.
+        workers: processes; None = min(CPU count, 8, one per 16 images: starting a
+            process costs about as much as evaluating 10 images), 1 = in this process. Each
+            worker decodes its own PNG pairs and returns a small :class:`PQStat`; the parent
+            sums them, so memory does not grow with the number of images.
 
     Returns:
         ``{"All", "Things", "Stuff": {"pq", "sq", "rq", "n"}, "per_class": {category id:
@@ -774,7 +858,9 @@ def pq_compute(gt_json: Any, pred_json: Any, gt_folder: Any = None, pred_folder:
                             "the prediction JSON needs one annotation for every ground-truth image")
         pairs.append((gt_ann, pred_ann))
 
-    n_workers = min(_default_workers() if workers is None else workers, max(1, len(pairs)))
+    if workers is None:
+        workers = min(_default_workers(), len(pairs) // _IMAGES_PER_WORKER)
+    n_workers = min(workers, max(1, len(pairs)))
     cat_ids = frozenset(categories)
     stat = PQStat()
     if n_workers <= 1:

@@ -13,16 +13,28 @@ What is written (VOC layout, see :func:`~pixelwise.data.importers._common.write_
 - instances: ``SegmentationObject`` (nuclei, ids 1..K per crop).
 - split: ``crop`` x ``crop`` windows (default 250: a 6 x 6 grid); in raster order the last
   ``val_fraction`` of them (default 1/6: the bottom row) are ``val``. No shared pixel.
+
+and the same crops and splits in the COCO panoptic format
+(:mod:`pixelwise.data.formats.coco_panoptic`): ``annotations/panoptic_{train,val}.json`` +
+``annotations/panoptic_{train,val}/`` PNGs. Background is the one *stuff* category, each
+nucleus is a *thing* segment of its type (the k-th instance of ``SegmentationObject``;
+the majority type if its pixels disagree, which 4 of the 1294 do); nucleus-type pixels
+outside every instance (43 pixels in the source) are VOID. The panoptic maps use the types
+as given, also with ``separate_touching`` (segments need no gap to stay apart). Image ids
+are 1, 2, ... in split-file order.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pixelwise.data.classes import ClassInfo
-from pixelwise.data.importers._common import grid_crops, separation_lines, source_files, write_voc_crops
-from pixelwise.data.io import read_image
+from pixelwise.data.formats.coco_panoptic import semantic_instance_to_panoptic, write_coco_panoptic
+from pixelwise.data.importers._common import Crop, grid_crops, relabel, separation_lines, source_files, write_voc_crops
+from pixelwise.data.io import atomic_directory, read_image
 from pixelwise.errors import DataError
 
 __all__ = ["import_histolytics", "HISTOLYTICS_CLASSES", "PIP_SPEC"]
@@ -49,10 +61,21 @@ def _read_npz(path: Path, key: str = "nuc_raster") -> np.ndarray:
         raise DataError(path, f"cannot read .npz: {e}") from None
 
 
+def _panoptic_records(types: np.ndarray, instances: np.ndarray, crops: Sequence[Crop],
+                      split: str) -> Iterator[dict[str, Any]]:
+    """One COCO panoptic record per crop of ``split`` (for :func:`write_coco_panoptic`): the
+    crop's instances numbered as in its ``SegmentationObject`` PNG (:func:`relabel`)."""
+    for k, c in enumerate(cr for cr in crops if cr.split == split):
+        win = (slice(c.y, c.y + c.h), slice(c.x, c.x + c.w))
+        id_map, segments = semantic_instance_to_panoptic(types[win], relabel(instances[win]), HISTOLYTICS_CLASSES)
+        yield {"image_id": k + 1, "file_name": f"JPEGImages/{c.id}.png", "id_map": id_map, "segments": segments}
+
+
 def import_histolytics(out: str | Path, source: str | Path | None = None, crop: int = 250,
                        val_fraction: float = 1 / 6, separate_touching: bool = False,
                        overwrite: bool = False) -> Path:
-    """Write the histolytics H&E image as a 4-class VOC-layout dataset in ``out``.
+    """Write the histolytics H&E image as a 4-class VOC-layout dataset in ``out``, with the
+    same crops and splits in COCO panoptic format (``out/annotations/panoptic_{split}.json``).
 
     Args:
         source: a folder holding the three files (default: the installed package's ``data``).
@@ -85,5 +108,13 @@ def import_histolytics(out: str | Path, source: str | Path | None = None, crop: 
         "image_mode": "RGB",
         "semantic": "0 background, 1 connective, 2 inflammatory, 3 neoplastic",
         "split": f"{crop} px crops in raster order; the last {val_fraction:.4g} of them are val (no shared pixel)",
+        "panoptic": "annotations/panoptic_{train,val}.json + PNG folders (COCO panoptic): background is stuff, "
+                    "each nucleus a thing segment of its type",
     }
-    return write_voc_crops(out, image, semantic, instances, crops, HISTOLYTICS_CLASSES, info, overwrite)
+    with atomic_directory(Path(out), overwrite=overwrite) as tmp:  # VOC and panoptic files, or nothing
+        write_voc_crops(tmp, image, semantic, instances, crops, HISTOLYTICS_CLASSES, info)
+        for split in ("train", "val"):
+            write_coco_panoptic(tmp, split, _panoptic_records(types, instances, crops, split), HISTOLYTICS_CLASSES,
+                                info={"description": f"histolytics hgsc_nest {split} crops, COCO panoptic",
+                                      "source": PIP_SPEC})
+    return Path(out)
