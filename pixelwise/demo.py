@@ -2,7 +2,8 @@
 
 1. synthesise the 'shapes' dataset (VOC layout) into OUT/data,
 2. train a model on it for a bounded time on the CPU (OUT/run),
-3. evaluate the best checkpoint on the val split (OUT/metrics.json, confusion matrix PNG),
+3. evaluate the best checkpoint on the val split (OUT/metrics.json, confusion matrix PNG) and
+   write the run report (OUT/run/report.html, as ``pixelwise train`` does),
 4. predict overlays for a few val images (OUT/predictions),
 5. print a summary that says where to look.
 """
@@ -42,6 +43,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
     from pixelwise.engine.evaluate import evaluate_checkpoint, format_metrics
     from pixelwise.engine.predict import predict_files
     from pixelwise.engine.train import train
+    from pixelwise.report import write_report
     from pixelwise.viz import save_confusion_matrix, save_curves
 
     t0 = time.time()
@@ -76,6 +78,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
         pictures.append(save_curves(out / "curves.png", history))
     except ImportError:
         print("(install matplotlib for the confusion-matrix and curve images)")
+    try:  # the page `pixelwise train` writes: metrics, per-epoch table, config, pictures
+        pictures.append(write_report(cfg.out, data=data, split=cfg.val_split, device=cfg.device))
+    except ImportError as e:
+        print(f"(report not written: {e}; install matplotlib: pip install 'pixelwise[extra]')")
 
     print("[4/4] predicting overlays for 8 val images")
     ids = (data / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:8]

@@ -10,8 +10,9 @@ def test_demo_quick_writes_everything(tmp_path, capsys):
     m = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= m["miou"] <= 1.0 and len(m["iou"]) == 6
     for f in ("run/best.pt", "run/last.pt", "run/metrics.jsonl", "confusion_matrix.png", "curves.png",
-              "val_grid.png", "SUMMARY.txt"):
+              "val_grid.png", "SUMMARY.txt", "run/report.html"):
         assert (out / f).is_file(), f
     assert len(list((out / "predictions").glob("*_overlay.png"))) == 4
     text = capsys.readouterr().out
-    assert "Look at:" in text and "val_grid.png" in text
+    assert "Look at:" in text and "val_grid.png" in text and "report.html" in text
+    assert "mean IoU" in (out / "run" / "report.html").read_text()  # the report of the demo's run

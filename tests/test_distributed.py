@@ -236,6 +236,6 @@ def test_torchrun_environment_errors_are_one_line(monkeypatch, tiny_data, tmp_pa
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(PixelwiseError, match="MASTER_ADDR, MASTER_PORT not set: start distributed training with"):
         dist.init_distributed("cpu")
-    # a loop without torchrun support (instance/panoptic, for now) refuses to run as N writers
+    # a loop that does not declare torchrun support (start_run without distributed=True) refuses N writers
     with pytest.raises(PixelwiseError, match="runs as one process; start it without torchrun"):
         start_run(train_config(tiny_data, tmp_path / "run", model="maskrcnn"))

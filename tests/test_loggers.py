@@ -75,3 +75,40 @@ def test_config_key_and_flag():
     a = build_parser().parse_args(["train", "--tensorboard"])
     assert a.tensorboard is True
     assert build_parser().parse_args(["train"]).tensorboard is None  # unset: the config file decides
+
+
+def test_semantic_training_logs_each_epoch_and_val_pictures(tmp_path):
+    """`tensorboard: true` in the semantic loop: the epoch's record as scalars, and the first val
+    images beside their prediction overlay at each evaluation."""
+    pytest.importorskip("tensorboard")
+    import io
+    import json
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pixelwise.cli import main
+    from pixelwise.data.formats.voc import VOCSegmentation
+    from pixelwise.engine.config import load_config
+    from pixelwise.engine.train import train
+
+    data, out = tmp_path / "data", tmp_path / "run"
+    assert main(["data", "synth", "--out", str(data), "--num-train", "4", "--num-val", "2", "--size", "40",
+                 "--seed", "3"]) == 0
+    result = train(load_config(None, {"model": "unet", "model_kwargs": {"width": 0.0625}, "data": str(data),
+                                      "out": str(out), "epochs": 1, "batch_size": 2, "num_workers": 0,
+                                      "progress": False, "threads": 1, "tensorboard": True}))
+    rec = json.loads((out / "metrics.jsonl").read_text())
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    step = result["steps"]
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [(step, pytest.approx(rec["train_loss"]))]
+    assert [(e.step, e.value) for e in acc.Scalars("val/miou")] == [(step, pytest.approx(rec["miou"]))]
+    ds = VOCSegmentation(data, "val")
+    assert f"val_iou/{ds.classes[0].name}" in acc.Tags()["scalars"]
+    assert set(acc.Tags()["images"]) == {"val/predictions/0", "val/predictions/1"}
+    (im,) = acc.Images("val/predictions/1")
+    assert (im.step, im.width, im.height) == (step, 2 * 40 + 4, 40)  # image | prediction overlay
+    panel = np.asarray(Image.open(io.BytesIO(im.encoded_image_string)).convert("RGB"))
+    raw = (ds.load(1)["image"].clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    assert (panel[:, :40] == raw).all()  # the val image itself, on the left

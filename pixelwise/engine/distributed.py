@@ -19,7 +19,9 @@ that behaves like a world of one process, so a training loop is written once:
   per-sample results come back in the order of a single-process run;
 - reductions: :func:`all_reduce_sum` (confusion matrices, counts), :func:`gather_objects`
   (COCO results, PQ statistics), :func:`broadcast_object`, :func:`step_sync` (the one sync
-  of a training step: loss averaged over ranks + "any rank wants to stop");
+  of a training step: loss averaged over ranks + "any rank wants to stop";
+  :func:`step_sync_values` for several loss terms at once), :func:`run_on_main` (a
+  computation done once, on rank 0, whose result every rank gets);
 - :func:`is_main` guards logging, progress bars and checkpoint writes (rank 0 only).
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ import contextlib
 import datetime
 import itertools
 import os
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -41,8 +43,8 @@ from pixelwise.errors import PixelwiseError
 __all__ = [
     "init_distributed", "cleanup", "is_distributed", "rank", "local_rank", "world_size", "is_main", "barrier",
     "wrap_model", "unwrap_model", "sync_buffers", "distributed_sampler", "EpochSampler", "shard_sampler",
-    "ShardSampler", "all_reduce_sum", "gather_objects", "broadcast_object", "step_sync", "autocast",
-    "launched_by_torchrun",
+    "ShardSampler", "all_reduce_sum", "gather_objects", "broadcast_object", "step_sync", "step_sync_values",
+    "run_on_main", "autocast", "launched_by_torchrun",
 ]
 
 _OWNED = False  # True when init_distributed created the process group (cleanup then destroys it)
@@ -262,6 +264,38 @@ def step_sync(loss: torch.Tensor, stop: bool = False) -> tuple[float, bool]:
     all_reduce_sum(t)
     total, stops = t.tolist()
     return total / world_size(), stops > 0
+
+
+def step_sync_values(values: torch.Tensor, stop: bool = False) -> tuple[list[float], bool]:
+    """:func:`step_sync` for several numbers at once (e.g. a detection model's loss terms):
+    ``(each averaged over ranks, any rank wants to stop)``, still in one host sync."""
+    v = values.detach().float().reshape(-1)
+    if not is_distributed():
+        return v.tolist(), stop
+    t = torch.cat([v, torch.tensor([float(stop)], device=v.device)])
+    all_reduce_sum(t)
+    *totals, stops = t.tolist()
+    return [x / world_size() for x in totals], stops > 0
+
+
+def run_on_main(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` computed on rank 0 only, its result broadcast to every rank (an
+    error too: the other ranks raise a PixelwiseError naming it rather than wait forever). E.g.
+    COCOeval over the gathered detections, done once instead of once per rank."""
+    if not is_distributed():
+        return fn(*args, **kwargs)
+    if not is_main():
+        ok, value = broadcast_object(None)
+        if not ok:
+            raise PixelwiseError(f"rank 0 failed: {value}")
+        return value
+    try:
+        value = fn(*args, **kwargs)
+    except Exception as e:
+        broadcast_object((False, f"{type(e).__name__}: {e}"))
+        raise
+    broadcast_object((True, value))
+    return value
 
 
 def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:

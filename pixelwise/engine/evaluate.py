@@ -134,12 +134,12 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         from pixelwise.engine.instance import evaluate_instance_checkpoint
 
         return evaluate_instance_checkpoint(checkpoint, data, split, out, batch_size, num_workers, device, progress,
-                                            ckpt=ckpt)
+                                            ckpt=ckpt, skip_bad_samples=skip_bad_samples)
     if ckpt.get("task") == "panoptic":  # PQ / PQ^Th / PQ^St: engine/panoptic.py
         from pixelwise.engine.panoptic import evaluate_panoptic_checkpoint
 
         return evaluate_panoptic_checkpoint(checkpoint, data, split, out, batch_size, num_workers, device, progress,
-                                            ckpt=ckpt)
+                                            ckpt=ckpt, skip_bad_samples=skip_bad_samples)
     model = model_from_checkpoint(ckpt, checkpoint)
     dev = resolve_device(device)
     model.to(dev)

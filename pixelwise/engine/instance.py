@@ -18,7 +18,14 @@ instance in its own colour with its class name and score.
 The training loop (:func:`train_detection`) serves every model of torchvision's detection
 convention (training returns a loss dict): a :class:`DetectionTask` says how to open the
 data, build the model, evaluate, and what goes into the checkpoint. :data:`INSTANCE_TASK`
-is Mask R-CNN's; :mod:`pixelwise.engine.panoptic` defines Panoptic FPN's.
+is Mask R-CNN's; :mod:`pixelwise.engine.panoptic` defines Panoptic FPN's. It is the semantic
+loop's twin (:mod:`pixelwise.engine.train`): under ``torchrun`` each rank trains on its share of
+every epoch's permutation under DistributedDataParallel and evaluates its own block of the
+validation split; the detections (and PQ counts) are gathered in dataset order and scored
+once, so the metrics are those of one process. Only rank 0 prints and writes files. Step
+checkpoints every ``checkpoint_every`` steps, ``resume`` in the middle of an epoch
+(:class:`~pixelwise.engine.train.SeededSamples`), ``--skip-bad-samples`` and ``--tensorboard``
+(scalars per epoch, a few val images with their predictions at each evaluation) work as there.
 """
 from __future__ import annotations
 
@@ -38,10 +45,12 @@ from tqdm import tqdm
 
 from pixelwise.data.formats.coco import CocoInstances
 from pixelwise.data.transforms import build_transforms
+from pixelwise.engine import distributed as dist
 from pixelwise.engine.checkpoint import (
-    load_checkpoint, model_from_checkpoint, resume_run, rng_state, save_epoch,
+    RunState, load_checkpoint, model_from_checkpoint, restore_run, rng_state, save_epoch, save_step,
+    step_checkpoints,
 )
-from pixelwise.engine.common import RepeatDataset, resolve_device, write_json
+from pixelwise.engine.common import RepeatDataset, apply_skip_bad, resolve_device, skipped_report, write_json
 from pixelwise.engine.config import TrainConfig
 from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.metrics.instance import coco_evaluate, detections_to_coco, format_coco_metrics, write_coco_results
@@ -51,6 +60,7 @@ __all__ = [
     "DetectionTask",
     "INSTANCE_TASK",
     "train_detection",
+    "tensorboard_pictures",
     "train_instance",
     "evaluate_instance_model",
     "evaluate_instance_checkpoint",
@@ -85,22 +95,42 @@ def instance_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _loader(ds, batch_size: int, shuffle: bool, num_workers: int | None, seed: int = 0,
-            drop_last: bool = False) -> DataLoader:
-    """``num_workers=None``: auto (:func:`pixelwise.inference.default_num_workers`)."""
+            drop_last: bool = False, sampler=None) -> DataLoader:
+    """``num_workers=None``: auto (:func:`pixelwise.inference.default_num_workers`); ``sampler``
+    (a rank's share under torchrun, engine/distributed.py) replaces ``shuffle``."""
     from pixelwise.inference import resolve_num_workers
 
     if len(ds) == 0:
         raise DataError(getattr(ds, "annotation_file", "dataset"), "the split has no images")
     g = torch.Generator()
     g.manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=resolve_num_workers(num_workers),
-                      collate_fn=instance_collate, generator=g, drop_last=drop_last and len(ds) > batch_size)
+    n = len(ds) if sampler is None else len(sampler)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
+                      num_workers=resolve_num_workers(num_workers), collate_fn=instance_collate, generator=g,
+                      drop_last=drop_last and n > batch_size)
+
+
+def _check_sampler(loader: DataLoader, fn: str) -> bool:
+    """True when ``loader`` holds this rank's block of the split under torchrun (a
+    :class:`~pixelwise.engine.distributed.ShardSampler`), so the evaluation gathers every
+    rank's part; a padding ``DistributedSampler`` (samples counted twice) is refused."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, dist.DistributedSampler) and sampler.num_replicas > 1:
+        raise ValueError(f"{fn}: a DistributedSampler repeats samples to even out the ranks; "
+                         "evaluate with pixelwise.engine.distributed.shard_sampler(dataset)")
+    return isinstance(sampler, dist.ShardSampler) and dist.is_distributed()
 
 
 def _open(data: str, split: str, transforms, image_mode: str, skip_empty: bool = False) -> CocoInstances:
     if not Path(data).exists():
         raise DataError(data, "dataset not found", "create one with `pixelwise data synth --out DIR`")
     return CocoInstances(data, split, transforms=transforms, image_mode=image_mode, skip_empty=skip_empty)
+
+
+def _uint8_image(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8."""
+    a = (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else np.ascontiguousarray(a[..., :3])
 
 
 # ---------------------------------------------------------------------------------------
@@ -114,7 +144,13 @@ def evaluate_instance_model(model: torch.nn.Module, loader: DataLoader, category
                             results_path: str | os.PathLike | None = None, progress: bool = False,
                             desc: str = "eval") -> dict[str, Any]:
     """Run ``model`` over ``loader``; COCO mask and box metrics against ``gt_json`` (restricted
-    to the images seen). Writes the results JSON to ``results_path`` when given."""
+    to the images seen). Writes the results JSON to ``results_path`` when given.
+
+    Under torchrun, a loader whose sampler is a
+    :class:`~pixelwise.engine.distributed.ShardSampler` holds this rank's block of the split:
+    the detections of every rank are gathered in dataset order and scored once on rank 0
+    (every rank gets the metrics, exactly those of one process; rank 0 writes the file)."""
+    sharded = _check_sampler(loader, "evaluate_instance_model")
     was_training = model.training
     model.eval()
     threshold = float(getattr(model, "mask_threshold", 0.5))
@@ -129,12 +165,18 @@ def evaluate_instance_model(model: torch.nn.Module, loader: DataLoader, category
             n += 1
     seconds = (time.time() - t0) / max(1, n)
     model.train(was_training)
-    if results_path is not None:
-        write_coco_results(results_path, results)
-    gt = json.loads(Path(gt_json).read_text()) if isinstance(gt_json, (str, os.PathLike)) else gt_json
-    return {"segm": coco_evaluate(gt, results, "segm", img_ids=img_ids),
-            "bbox": coco_evaluate(gt, results, "bbox", img_ids=img_ids),
-            "num_images": n, "num_detections": len(results), "seconds_per_image": seconds}
+    if sharded:  # rank order = dataset order
+        results, img_ids = dist.gather_objects(results), dist.gather_objects(img_ids)
+
+    def score() -> dict[str, Any]:
+        if results_path is not None:
+            write_coco_results(results_path, results)
+        gt = json.loads(Path(gt_json).read_text()) if isinstance(gt_json, (str, os.PathLike)) else gt_json
+        return {"segm": coco_evaluate(gt, results, "segm", img_ids=img_ids),
+                "bbox": coco_evaluate(gt, results, "bbox", img_ids=img_ids)}
+
+    m = dist.run_on_main(score) if sharded else score()
+    return {**m, "num_images": len(img_ids), "num_detections": len(results), "seconds_per_image": seconds}
 
 
 def format_instance_metrics(m: dict[str, Any]) -> str:
@@ -144,10 +186,13 @@ def format_instance_metrics(m: dict[str, Any]) -> str:
 def evaluate_instance_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str = "val",
                                  out: str | os.PathLike | None = None, batch_size: int = 4, num_workers: int = 0,
                                  device: str = "auto", progress: bool = True, results: str | os.PathLike | None = None,
-                                 ckpt: dict[str, Any] | None = None, **_ignored: Any) -> dict[str, Any]:
+                                 ckpt: dict[str, Any] | None = None, skip_bad_samples: bool = False,
+                                 **_ignored: Any) -> dict[str, Any]:
     """Evaluate an instance checkpoint on a COCO split: writes the COCO results JSON
     (``results``, default ``OUT`` with ``_coco_results.json`` or ``coco_results_{split}.json``
-    next to the checkpoint) and, with ``out``, the metrics JSON."""
+    next to the checkpoint) and, with ``out``, the metrics JSON. ``skip_bad_samples``: leave
+    out the images whose files are unusable (a warning line; ``metrics["skipped_samples"]``
+    counts and lists them)."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     dev = resolve_device(device)
@@ -155,6 +200,7 @@ def evaluate_instance_checkpoint(checkpoint: str | os.PathLike, data: str | os.P
     norm = ckpt["normalization"]
     ds = _open(str(data), split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]),
                norm.get("image_mode", "RGB"))
+    ds = apply_skip_bad(ds, skip_bad_samples, split, data)
     ckpt_names = [c["name"] for c in ckpt["classes"]]
     if [c.name for c in ds.classes] != ckpt_names:
         raise DataError(data, f"dataset classes {[c.name for c in ds.classes]} differ from the checkpoint's {ckpt_names}")
@@ -166,6 +212,8 @@ def evaluate_instance_checkpoint(checkpoint: str | os.PathLike, data: str | os.P
                                 progress, f"eval {split}")
     m.update({"task": "instance", "class_names": ckpt_names, "checkpoint": str(checkpoint), "split": split,
               "results_json": str(results)})
+    if skip_bad_samples:
+        m["skipped_samples"] = skipped_report(ds)
     if out is not None:
         write_json(out, m)
     return m
@@ -189,8 +237,11 @@ class DetectionTask:
         extras: ``dataset -> the checkpoint's category entries`` (also compared between
             the training and validation splits).
         evaluate: ``(model, loader, val dataset, device, progress) -> flat record entries``
-            (``best_metric`` among them).
+            (``best_metric`` among them); with a loader of this rank's block of the split
+            under torchrun it returns the metrics of the whole split on every rank.
         describe: ``record -> the metrics part of the epoch's progress line``.
+        picture: ``(model in eval mode, val dataset, index, device) -> uint8 (H, W, 3)``
+            panel "image | prediction" for TensorBoard (None: no pictures).
     """
 
     name: str
@@ -201,6 +252,7 @@ class DetectionTask:
     extras: Callable[[Any], dict[str, Any]]
     evaluate: Callable[..., dict[str, Any]]
     describe: Callable[[dict[str, Any]], str]
+    picture: Callable[..., np.ndarray] | None = None
 
 
 def _instance_record(model: torch.nn.Module, loader: DataLoader, ds: CocoInstances, device: torch.device,
@@ -211,6 +263,24 @@ def _instance_record(model: torch.nn.Module, loader: DataLoader, ds: CocoInstanc
             "seconds_per_image": m["seconds_per_image"]}
 
 
+#: TensorBoard pictures show the detections with at least this score
+PICTURE_SCORE = 0.5
+
+
+def _instance_picture(model: torch.nn.Module, ds: Any, index: int, device: torch.device) -> np.ndarray:
+    """image | its instances with score >= :data:`PICTURE_SCORE` (class and score written)."""
+    from pixelwise.viz import comparison_grid
+
+    image = _uint8_image(ds.load(index)["image"])
+    out = model([ds[index]["image"].to(device)])[0]
+    keep = out["scores"] >= PICTURE_SCORE
+    out = {k: v[keep].cpu() for k, v in out.items()}
+    masks = (out["masks"][:, 0] >= float(getattr(model, "mask_threshold", 0.5))).numpy()
+    pred = draw_instances(image, masks, out["boxes"].numpy(), out["labels"].tolist(), out["scores"].tolist(),
+                          [c.name for c in ds.classes])
+    return comparison_grid([[image, pred]])
+
+
 INSTANCE_TASK = DetectionTask(
     name="instance", best_metric="mask_AP", best_key="best_mask_ap",
     open=lambda data, split, tf, mode: _open(data, split, tf, mode),
@@ -219,8 +289,21 @@ INSTANCE_TASK = DetectionTask(
     evaluate=_instance_record,
     describe=lambda r: (f"mask AP {r['mask_AP']:.3f} AP50 {r['mask_AP50']:.3f}"
                         f"  box AP {r['box_AP']:.3f} AP50 {r['box_AP50']:.3f}"),
+    picture=_instance_picture,
 )
 """Mask R-CNN on COCO instance data; best by mask AP."""
+
+@torch.inference_mode()
+def tensorboard_pictures(picture: Callable[..., np.ndarray], model: torch.nn.Module, ds: Any, device: torch.device,
+                         count: int) -> list[np.ndarray]:
+    """``picture(model, ds, i, device)`` for the first ``count`` images of ``ds``, the model in
+    eval mode (its mode is restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return [picture(model, ds, i, device) for i in range(min(count, len(ds)))]
+    finally:
+        model.train(was_training)
 
 
 def train_instance(cfg: TrainConfig) -> dict[str, Any]:
@@ -232,15 +315,23 @@ def train_instance(cfg: TrainConfig) -> dict[str, Any]:
 def train_detection(cfg: TrainConfig, task: DetectionTask) -> dict[str, Any]:
     """The training loop of detection-style models (a loss dict in training, one dict per
     image in eval): ``task`` supplies data, model arguments, evaluation and checkpoint
-    entries. Returns the best (by ``task.best_metric``) and last validation records."""
-    from pixelwise.engine.train import build_optimizer, poly_lr_lambda, start_run
+    entries. Returns the best (by ``task.best_metric``) and last validation records.
 
-    device, out, norm = start_run(cfg)
+    As the semantic loop (:func:`pixelwise.engine.train.train`): torchrun / DDP (the
+    logged losses are the means over ranks), step checkpoints and mid-epoch resume, skipped
+    bad samples, TensorBoard."""
+    from pixelwise.engine.train import TENSORBOARD_IMAGES, SeededSamples, build_optimizer, poly_lr_lambda, start_run
+
+    device, out, norm = start_run(cfg, distributed=True)
+    main = dist.is_main()  # rank 0: the one process that prints and writes files
     train_tf = build_transforms(train=True, crop_size=cfg.crop_size, scale=(cfg.scale_min, cfg.scale_max),
                                 flip=cfg.flip, mean=norm["mean"], std=norm["std"])
     eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
-    train_ds = task.open(cfg.data, cfg.train_split, train_tf, cfg.image_mode)
-    val_ds = task.open(cfg.data, cfg.val_split, eval_tf, cfg.image_mode)
+    report_to = out / "skipped_samples.json" if main else None  # bad samples left out, listed per split
+    train_ds = apply_skip_bad(task.open(cfg.data, cfg.train_split, train_tf, cfg.image_mode), cfg.skip_bad_samples,
+                              cfg.train_split, cfg.data, report_to, quiet=not main)
+    val_ds = apply_skip_bad(task.open(cfg.data, cfg.val_split, eval_tf, cfg.image_mode), cfg.skip_bad_samples,
+                            cfg.val_split, cfg.data, report_to, quiet=not main)
     classes, extras = train_ds.classes, task.extras(train_ds)
     if task.extras(val_ds) != extras:
         raise DataError(val_ds.annotation_file, "the validation split has other categories than the training split")
@@ -253,44 +344,70 @@ def train_detection(cfg: TrainConfig, task: DetectionTask) -> dict[str, Any]:
     spec = model.pixelwise_spec
     optimizer = build_optimizer(model.parameters(), cfg)
     repeat = int(getattr(cfg, "repeat", 1) or 1)
-    train_loader = _loader(RepeatDataset(train_ds, repeat) if repeat > 1 else train_ds, cfg.batch_size, True,
-                           cfg.num_workers, cfg.seed, drop_last=True)
-    val_loader = _loader(val_ds, max(1, cfg.batch_size), False, cfg.num_workers)
-    total_steps = cfg.epochs * len(train_loader)
+    # sample i of epoch e is augmented from (seed, e, i): a run resumed mid-epoch sees the same data
+    train_set = SeededSamples(RepeatDataset(train_ds, repeat) if repeat > 1 else train_ds, cfg.seed)
+    sampler = dist.distributed_sampler(train_set, shuffle=True, seed=cfg.seed)  # this rank's share, per epoch
+    train_loader = _loader(train_set, cfg.batch_size, False, cfg.num_workers, cfg.seed, drop_last=True,
+                           sampler=sampler)
+    val_loader = _loader(val_ds, max(1, cfg.batch_size), False, cfg.num_workers,
+                         sampler=dist.shard_sampler(val_ds) if dist.is_distributed() else None)
+    steps_per_epoch = len(train_loader)
+    total_steps = cfg.epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lr_lambda(total_steps, cfg.poly_power,
                                                                             cfg.warmup_steps))
 
-    start_epoch, step, best, history = 0, 0, -1.0, []
+    state = RunState()
     last_path = out / "last.pt"
     if cfg.resume:
-        start_epoch, step, best, history = resume_run(out, spec, num_classes, model, optimizer, scheduler,
-                                                      task.best_key)
+        state = restore_run(out, spec, num_classes, model, optimizer, scheduler, task.best_key)
+    elif main:  # a fresh run: step checkpoints of an older run here must not look newer than ours
+        for _, old in step_checkpoints(out):
+            old.unlink()
+    step, best, history = state.step, state.best, state.history
+    # DistributedDataParallel under torchrun, else the model itself; a head may sit out a batch
+    ddp = dist.wrap_model(model, device, find_unused_parameters=True)
 
     resolved = cfg.to_dict()
-    write_json(out / "config.json", resolved)
+    if main:
+        write_json(out / "config.json", resolved)
     class_dicts = [c.to_dict() for c in classes]
+    tb = None
+    if cfg.tensorboard and main:
+        from pixelwise.engine.loggers import TensorBoardLogger
 
-    def checkpoint(epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-        return {"model": spec, "state_dict": model.state_dict(), "classes": class_dicts, "normalization": norm,
-                "config": resolved, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "epoch": epoch, "step": step, "rng": rng_state(), "metrics": metrics, task.best_key: best,
-                "task": task.name, **extras}
+        tb = TensorBoardLogger(out, [c.name for c in classes])
+
+    def checkpoint(epoch: int, metrics: dict[str, Any], progress: dict[str, Any] | None = None) -> dict[str, Any]:
+        ck = {"model": spec, "state_dict": model.state_dict(), "classes": class_dicts, "normalization": norm,
+              "config": resolved, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+              "epoch": epoch, "step": step, "rng": rng_state(), "metrics": metrics, task.best_key: best,
+              "task": task.name, **extras}
+        if progress is not None:  # written mid-epoch: where to continue
+            ck["epoch_progress"] = progress
+        return ck
 
     t0 = time.time()
     stop = False
-    model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, unit="it",
-                   dynamic_ncols=True, leave=False)
-        sums: dict[str, float] = {}
-        n = 0
+    ddp.train()
+    for epoch in range(state.epoch, cfg.epochs):
+        skip = state.batches if epoch == state.epoch else 0  # batches of this epoch already trained
+        sums = dict(state.sums) if epoch == state.epoch else {}  # running loss sums, and "n"
+        n = int(sums.pop("n", 0))
+        # the epoch's order, as in an uninterrupted run, without the batches already trained
+        sampler.set_epoch(epoch, skip=min(skip * cfg.batch_size, sampler.num_samples))
+        train_set.epoch = epoch
+        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (cfg.progress and main),
+                   unit="it", dynamic_ncols=True, leave=False, initial=skip, total=steps_per_epoch)
+        batches = skip
         for batch in bar:
             images = [im.to(device) for im in batch["images"]]
             targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-            losses = model(images, targets)
+            losses = ddp(images, targets)
             loss = sum(losses.values())
-            loss_value = loss.item()
+            # the step's one host sync: every loss term averaged over ranks, NaN check, time limit
+            timed_out = bool(cfg.time_limit and time.time() - t0 > cfg.time_limit)
+            values, stop = dist.step_sync_values(torch.stack([*losses.values(), loss]), timed_out)
+            loss_value = values[-1]
             if not math.isfinite(loss_value):
                 raise PixelwiseError(f"loss became {loss_value} at epoch {epoch + 1}, step {step}; lower --lr. "
                                      f"The last good checkpoint is kept in {last_path}")
@@ -300,38 +417,51 @@ def train_detection(cfg: TrainConfig, task: DetectionTask) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             step += 1
+            batches += 1
             n += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
+            terms = dict(zip(losses, values))
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v
             sums["loss"] = sums.get("loss", 0.0) + loss_value
-            bar.set_postfix(loss=f"{loss_value:.3f}", mask=f"{losses['loss_mask'].item():.3f}" if "loss_mask" in losses
+            bar.set_postfix(loss=f"{loss_value:.3f}", mask=f"{terms['loss_mask']:.3f}" if "loss_mask" in terms
                             else "", lr=f"{scheduler.get_last_lr()[0]:.1e}")
-            if cfg.time_limit and time.time() - t0 > cfg.time_limit:
-                stop = True
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and main:
+                save_step(out, checkpoint(epoch, {}, {"batches": batches, "sums": {**sums, "n": n}}), cfg.keep_last)
+            if stop:
                 break
         bar.close()
         is_last = stop or epoch == cfg.epochs - 1
         record: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": sums.get("loss", 0.0) / max(1, n),
                                   **{f"train_{k}": v / max(1, n) for k, v in sums.items() if k != "loss"},
                                   "lr": scheduler.get_last_lr()[0], "time": round(time.time() - t0, 2)}
-        if (epoch + 1) % cfg.eval_every == 0 or is_last:
-            record.update(task.evaluate(model, val_loader, val_ds, device, cfg.progress))
+        evaluated = (epoch + 1) % cfg.eval_every == 0 or is_last
+        if evaluated:
+            dist.sync_buffers(model)  # every rank evaluates rank 0's model: the one saved
+            record.update(task.evaluate(model, val_loader, val_ds, device, cfg.progress and main))
             if record[task.best_metric] > best:
                 best = record[task.best_metric]
                 record["best"] = True
         history.append(record)
-        save_epoch(out, history, checkpoint(epoch, record), bool(record.get("best")))
-        if cfg.progress:
+        if main:
+            save_epoch(out, history, checkpoint(epoch, record), bool(record.get("best")))
+        if tb is not None:
+            tb.log_epoch(record, step)
+            if evaluated and task.picture is not None:
+                tb.log_images("val/predictions", tensorboard_pictures(task.picture, model, val_ds, device,
+                                                                      TENSORBOARD_IMAGES), step)
+        if cfg.progress and main:
             msg = f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}"
             if task.best_metric in record:
                 msg += "  " + task.describe(record)
             tqdm.write(msg + f"  ({record['time']:.0f}s)")
         if stop:
-            if cfg.progress:
+            if cfg.progress and main:
                 tqdm.write(f"time limit of {cfg.time_limit:.0f}s reached: stopping after {step} steps")
             break
-    evaluated = [h for h in history if task.best_metric in h]
-    best_rec = max(evaluated, key=lambda h: h[task.best_metric]) if evaluated else {}
+    if tb is not None:
+        tb.close()
+    evaluated_records = [h for h in history if task.best_metric in h]
+    best_rec = max(evaluated_records, key=lambda h: h[task.best_metric]) if evaluated_records else {}
     return {"task": task.name, "best": best_rec, "last": history[-1] if history else {}, "steps": step,
             "time": time.time() - t0, "out": str(out)}
 

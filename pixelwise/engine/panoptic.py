@@ -13,7 +13,9 @@ Evaluation (SPEC §8) adds up :func:`~pixelwise.metrics.panoptic.pq_single_image
 split in memory -- the same per-image counts, summed in the same image order, as
 :func:`~pixelwise.metrics.panoptic.pq_compute` on files -- and reports PQ, SQ, RQ for All /
 Things / Stuff and per class; the thing detections are also scored by COCO mask AP against
-the thing segments of the ground truth (crowd segments as COCO crowd regions).
+the thing segments of the ground truth (crowd segments as COCO crowd regions). Under torchrun
+each rank evaluates its block of the split; the per-image counts and the COCO entries are
+gathered in dataset order and summed / scored as one process would.
 
 Prediction writes, per image, the COCO panoptic PNG ``{stem}.png`` and ``{stem}_overlay.png``
 (every segment in its own colour, things labelled with their class and segment id), and one
@@ -38,10 +40,11 @@ from tqdm import tqdm
 
 from pixelwise.data.formats.coco_panoptic import CocoPanoptic, write_panoptic_png
 from pixelwise.data.transforms import build_transforms
+from pixelwise.engine import distributed as dist
 from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from pixelwise.engine.common import resolve_device, write_json
+from pixelwise.engine.common import apply_skip_bad, resolve_device, skipped_report, write_json
 from pixelwise.engine.config import TrainConfig
-from pixelwise.engine.instance import DetectionTask, _loader, train_detection
+from pixelwise.engine.instance import DetectionTask, _check_sampler, _loader, _uint8_image, train_detection
 from pixelwise.errors import DataError
 from pixelwise.metrics.panoptic import PQStat, format_pq_table, pq_single_image
 
@@ -123,18 +126,23 @@ def evaluate_panoptic_model(model: torch.nn.Module, loader: DataLoader, categori
     the thing detections (None when ``mask_ap`` is False or no COCO evaluator is installed),
     "num_images", "seconds_per_image"}``. The PQ counts are those of
     :func:`~pixelwise.metrics.panoptic.pq_compute` on the same predictions written as files.
+
+    Under torchrun, a loader whose sampler is a
+    :class:`~pixelwise.engine.distributed.ShardSampler` holds this rank's block of the split:
+    the per-image PQ counts and COCO entries of every rank are gathered in dataset order and
+    added up in that order (mask AP scored once, on rank 0), so every rank gets exactly the
+    metrics of one process.
     """
     from pixelwise.metrics.instance import detections_to_coco
 
+    sharded = _check_sampler(loader, "evaluate_panoptic_model")
     was_training = model.training
     model.eval()
     thing_ids = [int(c["id"]) for c in categories if c["isthing"]]
     label_to_category = [0] + thing_ids  # label l of the instance branch is thing_ids[l - 1]
     threshold = float(getattr(model, "mask_threshold", 0.5))
-    stat = PQStat()
-    results: list[dict[str, Any]] = []
-    gt_images: list[dict[str, Any]] = []
-    gt_anns: list[dict[str, Any]] = []
+    # per image, in loader order: (PQ counts, COCO image entry, its ground-truth annotations, detections)
+    per_image: list[tuple[dict[str, list], dict[str, Any] | None, list[dict[str, Any]], list[dict[str, Any]]]] = []
     t0, n = time.time(), 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, unit="batch"):
         if "panoptic" not in batch:
@@ -143,17 +151,31 @@ def evaluate_panoptic_model(model: torch.nn.Module, loader: DataLoader, categori
         outputs = model([im.to(device) for im in batch["images"]])
         for i, (out, meta) in enumerate(zip(outputs, batch["meta"])):
             image_id = meta["image_id"]
-            stat += pq_single_image(batch["panoptic"][i].numpy(), batch["segments"][i],
-                                    out["panoptic"].cpu().numpy(), out["segments_info"], categories,
-                                    image_id=image_id)
+            counts = pq_single_image(batch["panoptic"][i].numpy(), batch["segments"][i],
+                                     out["panoptic"].cpu().numpy(), out["segments_info"], categories,
+                                     image_id=image_id).state_dict()
+            gt_image, anns, dets = None, [], []
             if mask_ap:
                 h, w = out["panoptic"].shape[-2:]
-                gt_images.append({"id": image_id, "height": int(h), "width": int(w)})
-                gt_anns.extend(_coco_gt_annotations(image_id, batch["instances"][i], len(gt_anns) + 1))
-                results.extend(detections_to_coco(image_id, out, label_to_category, threshold))
+                gt_image = {"id": image_id, "height": int(h), "width": int(w)}
+                anns = _coco_gt_annotations(image_id, batch["instances"][i], 1)
+                dets = detections_to_coco(image_id, out, label_to_category, threshold)
+            per_image.append((counts, gt_image, anns, dets))
             n += 1
     seconds = (time.time() - t0) / max(1, n)
     model.train(was_training)
+    if sharded:  # rank order = dataset order
+        per_image = dist.gather_objects(per_image)
+    stat = PQStat()
+    gt_images: list[dict[str, Any]] = []
+    gt_anns: list[dict[str, Any]] = []
+    results: list[dict[str, Any]] = []
+    for counts, gt_image, anns, dets in per_image:  # summed in dataset order, as pq_compute does
+        stat += PQStat().load_state_dict(counts)
+        if gt_image is not None:
+            gt_images.append(gt_image)
+            gt_anns.extend({**a, "id": len(gt_anns) + 1} for a in anns)  # ids 1..N over the split
+            results.extend(dets)
     segm = None
     if mask_ap:
         from pixelwise.data.formats.coco import _have_mask_api
@@ -162,9 +184,11 @@ def evaluate_panoptic_model(model: torch.nn.Module, loader: DataLoader, categori
         if _have_mask_api():
             gt = {"images": gt_images, "annotations": gt_anns,
                   "categories": [{"id": c["id"], "name": c["name"]} for c in categories if c["isthing"]]}
-            segm = coco_evaluate(gt, results, "segm", img_ids=[im["id"] for im in gt_images])
-    return {"panoptic": stat.results(categories), "stat": stat.state_dict(), "segm": segm, "num_images": n,
-            "seconds_per_image": seconds}
+            img_ids = [im["id"] for im in gt_images]
+            segm = (dist.run_on_main(coco_evaluate, gt, results, "segm", img_ids=img_ids) if sharded
+                    else coco_evaluate(gt, results, "segm", img_ids=img_ids))
+    return {"panoptic": stat.results(categories), "stat": stat.state_dict(), "segm": segm,
+            "num_images": len(per_image), "seconds_per_image": seconds}
 
 
 def _panoptic_record(model: torch.nn.Module, loader: DataLoader, ds: CocoPanoptic, device: torch.device,
@@ -190,9 +214,19 @@ def _describe(r: dict[str, Any]) -> str:
     return msg
 
 
+def _panoptic_picture(model: torch.nn.Module, ds: Any, index: int, device: torch.device) -> np.ndarray:
+    """image | its predicted segments (things labelled with class and segment id)."""
+    from pixelwise.viz import comparison_grid
+
+    image = _uint8_image(ds.load(index)["image"])
+    out = model([ds[index]["image"].to(device)])[0]
+    return comparison_grid([[image, draw_panoptic(image, out["panoptic"].cpu().numpy(), out["segments_info"],
+                                                  ds.categories)]])
+
+
 PANOPTIC_TASK = DetectionTask(
     name="panoptic", best_metric="pq", best_key="best_pq", open=_open, model_args=_model_args, extras=_extras,
-    evaluate=_panoptic_record, describe=_describe)
+    evaluate=_panoptic_record, describe=_describe, picture=_panoptic_picture)
 """Panoptic FPN on COCO panoptic data; best by PQ."""
 
 
@@ -227,9 +261,12 @@ def _check_categories(ds: CocoPanoptic, ckpt: dict[str, Any], data: Any) -> None
 def evaluate_panoptic_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, split: str = "val",
                                  out: str | os.PathLike | None = None, batch_size: int = 4, num_workers: int = 0,
                                  device: str = "auto", progress: bool = True, ckpt: dict[str, Any] | None = None,
-                                 mask_ap: bool = True, **_ignored: Any) -> dict[str, Any]:
+                                 mask_ap: bool = True, skip_bad_samples: bool = False,
+                                 **_ignored: Any) -> dict[str, Any]:
     """Evaluate a panoptic checkpoint on a COCO panoptic split (PQ in memory, see
-    :func:`evaluate_panoptic_model`); with ``out``, write the metrics JSON."""
+    :func:`evaluate_panoptic_model`); with ``out``, write the metrics JSON.
+    ``skip_bad_samples``: leave out the images whose files are unusable (a warning line;
+    ``metrics["skipped_samples"]`` counts and lists them)."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint)
     dev = resolve_device(device)
@@ -239,10 +276,13 @@ def evaluate_panoptic_checkpoint(checkpoint: str | os.PathLike, data: str | os.P
         raise DataError(data, "dataset not found", "create one with `pixelwise data synth --out DIR`")
     ds = _open(data, split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]),
                norm.get("image_mode", "RGB"))
+    ds = apply_skip_bad(ds, skip_bad_samples, split, data)
     _check_categories(ds, ckpt, data)
     loader = _loader(ds, batch_size, False, num_workers)
     m = evaluate_panoptic_model(model, loader, ckpt["categories"], dev, progress, f"eval {split}", mask_ap)
     m.update({"task": "panoptic", "categories": ckpt["categories"], "checkpoint": str(checkpoint), "split": split})
+    if skip_bad_samples:
+        m["skipped_samples"] = skipped_report(ds)
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json(out, m)

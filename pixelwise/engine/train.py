@@ -18,6 +18,10 @@ one, in the middle of an epoch if need be: the epoch's sample order depends only
 exactly as they would have. With ``deterministic`` (deterministic kernels too), an
 interrupted and resumed run ends with the weights and metrics of an uninterrupted one.
 
+``tensorboard``: rank 0 also logs every epoch's record as scalars and, at each evaluation,
+the first :data:`TENSORBOARD_IMAGES` val images with their prediction overlaid
+(:class:`~pixelwise.engine.loggers.TensorBoardLogger`, ``RUN/tensorboard``).
+
 U-Net specifics (SPEC §3):
 
 - ``loss: weighted_ce`` (or any ``weight_map: {w0, sigma, class_balance}``): the training
@@ -62,7 +66,11 @@ from pixelwise.losses import build_loss
 from pixelwise.models.registry import build_model
 from pixelwise.postprocess import is_unpadded
 
-__all__ = ["train", "poly_lr_lambda", "build_optimizer", "start_run", "make_deterministic", "SeededSamples"]
+__all__ = ["train", "poly_lr_lambda", "build_optimizer", "start_run", "make_deterministic", "SeededSamples",
+           "val_pictures"]
+
+#: how many val images (the first ones) TensorBoard shows with their predictions per evaluation
+TENSORBOARD_IMAGES = 4
 
 
 def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0):
@@ -148,6 +156,27 @@ class SeededSamples(Dataset):
         if name == "base":
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+@torch.inference_mode()
+def val_pictures(model: torch.nn.Module, ds, colors, device: torch.device,
+                 count: int = TENSORBOARD_IMAGES) -> list[np.ndarray]:
+    """"image | prediction overlay" panels (uint8 (H, W, 3)) of the first ``count`` images of
+    ``ds`` (a dataset with ``load``, its transforms normalising only), one forward pass each."""
+    from pixelwise.engine.evaluate import predict_labels
+    from pixelwise.viz import comparison_grid, overlay
+
+    was_training = model.training
+    model.eval()
+    panels = []
+    for i in range(min(count, len(ds))):
+        raw = ds.load(i)["image"]
+        image = (raw.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+        image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else np.ascontiguousarray(image[..., :3])
+        pred = predict_labels(model, ds[i]["image"][None].to(device))[0].cpu().numpy()
+        panels.append(comparison_grid([[image, overlay(image, pred, colors)]]))
+    model.train(was_training)
+    return panels
 
 
 def _class_weights(cfg: TrainConfig, ds, num_classes: int) -> list[float] | None:
@@ -278,6 +307,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if main:
         write_json(out / "config.json", resolved)
     class_dicts = [c.to_dict() if hasattr(c, "to_dict") else dict(c.__dict__) for c in classes]
+    tb = None
+    if cfg.tensorboard and main:
+        from pixelwise.engine.loggers import TensorBoardLogger
+
+        tb = TensorBoardLogger(out, [c.name for c in classes])
 
     def checkpoint(epoch: int, metrics: dict[str, Any], progress: dict[str, Any] | None = None) -> dict[str, Any]:
         ck = {
@@ -349,6 +383,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         history.append(record)
         if main:
             save_epoch(out, history, checkpoint(epoch, record), bool(record.get("best")))
+        if tb is not None:
+            tb.log_epoch(record, step)
+            if "miou" in record:
+                tb.log_images("val/predictions", val_pictures(model, val_ds, [c.color for c in classes], device), step)
         if cfg.progress and main:
             msg = f"epoch {epoch + 1}/{cfg.epochs}  loss {record['train_loss']:.4f}"
             if "miou" in record:
@@ -358,6 +396,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if cfg.progress and main:
                 tqdm.write(f"time limit of {cfg.time_limit:.0f}s reached: stopping after {step} steps")
             break
+    if tb is not None:
+        tb.close()
     evaluated = [h for h in history if "miou" in h]
     best_rec = max(evaluated, key=lambda h: h["miou"]) if evaluated else {}
     return {"best": best_rec, "last": history[-1] if history else {}, "steps": step,
