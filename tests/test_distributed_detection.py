@@ -346,3 +346,37 @@ def test_detection_evaluation_skips_bad_samples(two_ranks, broken, model, tmp_pa
     assert m["num_images"] == NUM_VAL - 1
     assert m["skipped_samples"]["count"] == 1 and m["skipped_samples"]["total"] == NUM_VAL
     assert json.loads((tmp_path / "m.json").read_text())["skipped_samples"]["count"] == 1
+
+
+# ---------------------------------------------------------------------------------------
+# mixed precision
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", ["unet", "maskrcnn"])
+@pytest.mark.parametrize("amp", [True, False])
+def test_every_training_step_runs_under_the_amp_context(data, tmp_path, monkeypatch, model, amp):
+    """Both loops run each forward + loss inside ``dist.autocast(device, cfg.amp)`` (bf16 on
+    CUDA, nothing on the CPU), so ``amp`` reaches every step of every task."""
+    from pixelwise.engine import distributed as dist
+    from pixelwise.engine.train import train
+
+    calls = []
+    real = dist.autocast
+
+    def spy(device, enabled=True):
+        calls.append((torch.device(device).type, enabled))
+        return real(device, enabled)
+
+    monkeypatch.setattr(dist, "autocast", spy)
+    if model == "unet":
+        from pixelwise.engine.config import load_config
+
+        cfg = load_config(None, {"model": "unet", "model_kwargs": {"width": 0.0625}, "data": str(data),
+                                 "out": str(tmp_path / "run"), "epochs": 1, "batch_size": 2, "num_workers": 0,
+                                 "progress": False, "threads": 1, "device": "cpu", "amp": amp})
+    else:
+        cfg = config(model, data, tmp_path / "run", amp=amp)
+    result = train(cfg)
+    assert result["steps"] >= 1
+    assert calls[:result["steps"]] == [("cpu", amp)] * result["steps"]

@@ -402,7 +402,8 @@ def train_detection(cfg: TrainConfig, task: DetectionTask) -> dict[str, Any]:
         for batch in bar:
             images = [im.to(device) for im in batch["images"]]
             targets = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
-            losses = ddp(images, targets)
+            with dist.autocast(device, cfg.amp):  # bf16 on CUDA; nothing on the CPU
+                losses = {k: v.float() for k, v in ddp(images, targets).items()}
             loss = sum(losses.values())
             # the step's one host sync: every loss term averaged over ranks, NaN check, time limit
             timed_out = bool(cfg.time_limit and time.time() - t0 > cfg.time_limit)
