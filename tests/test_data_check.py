@@ -208,10 +208,13 @@ def test_formats_are_detected_in_folders_and_files(clean: Path, tmp_path: Path) 
     labelme = tmp_path / "labelme"
     shutil.copytree(clean / "JPEGImages", labelme / "JPEGImages")
     shutil.copy(clean / "annotations" / "instances_train.json", labelme / "annotations.json")
-    assert [(f, p.name) for f, p in detect_formats(labelme)] == [("voc", "labelme"), ("coco", "annotations.json")]
-    problems = check_dataset(labelme)
-    # the VOC part has no labels (an error); the COCO part is fine
-    assert [p.problem for p in problems if p.is_error] == [
+    # labelme's COCO export: images in JPEGImages/ but no VOC labels -> COCO only, and clean
+    assert [(f, p.name) for f, p in detect_formats(labelme)] == [("coco", "annotations.json")]
+    assert [p for p in check_dataset(labelme) if p.is_error] == []
+    # JPEGImages/ without any JSON is a VOC layout missing its labels
+    (labelme / "annotations.json").unlink()
+    assert [(f, p.name) for f, p in detect_formats(labelme)] == [("voc", "labelme")]
+    assert [p.problem for p in check_dataset(labelme) if p.is_error] == [
         "no label folder with PNG files (SegmentationClass or SegmentationClassPNG)"]
     assert check_dataset(tmp_path / "nowhere")[0].problem == "dataset not found"
     (tmp_path / "empty").mkdir()
@@ -228,3 +231,18 @@ def test_unreadable_json_is_reported_not_raised(clean: Path, tmp_path: Path) -> 
     assert _problems(problems, root / "annotations" / "instances_train.json", "invalid JSON")
     assert _problems(problems, root / "annotations" / "panoptic_val.json", "no 'annotations' list")
     assert not _problems(problems, root / "annotations" / "instances_val.json", "")  # the others still checked
+
+
+LABELME = Path("/usr/share/doc/labelme-examples/examples")
+
+
+@pytest.mark.skipif(not LABELME.is_dir(), reason="labelme-examples not installed (apt-get install labelme-examples)")
+@pytest.mark.parametrize("folder, formats", [
+    ("semantic_segmentation/data_dataset_voc", ["voc"]),
+    ("instance_segmentation/data_dataset_voc", ["voc"]),
+    ("instance_segmentation/data_dataset_coco", ["coco"]),
+])
+def test_real_labelme_exports_are_clean(folder: str, formats: list[str]) -> None:
+    root = LABELME / folder
+    assert [f for f, _ in detect_formats(root)] == formats
+    assert [p for p in check_dataset(root) if p.is_error] == []

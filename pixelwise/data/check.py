@@ -431,9 +431,10 @@ def _json_kind(path: Path) -> str | None:
 
 def detect_formats(root: str | os.PathLike) -> list[tuple[str, Path]]:
     """The formats found in ``root``, as ``(format, path)`` with format ``"voc"`` (path: the
-    folder), ``"coco"`` or ``"coco_panoptic"`` (path: the JSON): a VOC layout (``JPEGImages/``
-    or a label folder), JSON files in ``annotations/`` and in the folder itself; or the
-    JSON file ``root`` is."""
+    folder), ``"coco"`` or ``"coco_panoptic"`` (path: the JSON): a VOC layout (a label folder
+    or ``ImageSets/Segmentation/``; ``JPEGImages/`` alone only when no COCO JSON is there, as
+    labelme's COCO export keeps its images in ``JPEGImages/``), JSON files in ``annotations/``
+    and in the folder itself; or the JSON file ``root`` is."""
     from pixelwise.data.formats.voc import CLASS_DIRS, IMAGE_DIR
 
     root = Path(root)
@@ -441,13 +442,15 @@ def detect_formats(root: str | os.PathLike) -> list[tuple[str, Path]]:
         kind = _json_kind(root) if root.suffix.lower() == ".json" else None
         return [(kind, root)] if kind else []
     found: list[tuple[str, Path]] = []
-    if any((root / d).is_dir() for d in (IMAGE_DIR, *CLASS_DIRS)):
-        found.append((VOC, root))
     jsons = sorted((root / "annotations").glob("*.json")) + sorted(root.glob("*.json"))
     for j in jsons:
         kind = _json_kind(j)
         if kind:
             found.append((kind, j))
+    # JPEGImages/ alone is VOC only without a COCO JSON: labelme's COCO export keeps its images there too
+    has_labels = any((root / d).is_dir() for d in CLASS_DIRS) or (root / "ImageSets" / "Segmentation").is_dir()
+    if has_labels or ((root / IMAGE_DIR).is_dir() and not found):
+        found.insert(0, (VOC, root))
     return found
 
 
