@@ -528,9 +528,8 @@ def _predict_instance_files_onnx(seg: OnnxInstanceSegmenter, inputs: Iterable[st
     from pixelwise.engine.predict import collect_inputs
     from pixelwise.metrics.instance import detections_to_coco
 
-    n = len(seg.category_ids)
-    names = [c["name"] for c in seg.classes] if seg.classes else [str(i) for i in range(n)]
     category_ids = seg.category_ids
+    names = [c["name"] for c in seg.classes] if seg.classes else [str(i) for i in range(len(category_ids))]
     pal = palette_bytes(None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

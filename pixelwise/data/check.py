@@ -302,20 +302,13 @@ class DatasetCheck:
     def check_panoptic(self, path: Path) -> None:
         from pixelwise.data.formats.coco import find_coco_image
         from pixelwise.metrics.panoptic import (
-            _annotations, _category_table, _fmt_ids, _read_id_png, _Segments, _unknown_ids,
+            _annotations, _fmt_ids, _json_category_table, _read_id_png, _Segments, _unknown_ids,
         )
 
         doc = _load_json(path)
         split = _split_of(path, "panoptic_")
         root = path.parent.parent if path.parent.name == "annotations" else path.parent
-        cats = doc.get("categories")
-        if not isinstance(cats, list) or not cats:
-            raise DataError(path, "has no 'categories' list", "a COCO panoptic JSON lists the categories with id "
-                            "and isthing")
-        try:
-            table = _category_table(cats)
-        except ValueError as e:
-            raise DataError(path, f"bad 'categories': {e}") from None
+        table = _json_category_table(doc, path, "a COCO panoptic JSON lists the categories with id and isthing")
         for cid, info in table.items():
             if "isthing" not in info:
                 self.error(path, f"category {cid} has no 'isthing'", "mark every category isthing 0 or 1")

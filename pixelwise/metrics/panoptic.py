@@ -164,6 +164,19 @@ def _category_table(categories: Any) -> dict[int, Mapping[str, Any]]:
     return table
 
 
+def _json_category_table(doc: Mapping[str, Any], where: Any, fix: str) -> dict[int, Mapping[str, Any]]:
+    """:func:`_category_table` of a panoptic JSON's ``categories``; DataError (at ``where``,
+    with ``fix`` when the list is missing or empty) if there is none or it is malformed.
+    Whether every category has ``isthing`` is left to the caller."""
+    cats = doc.get("categories")
+    if not isinstance(cats, list) or not cats:
+        raise DataError(where, "has no 'categories' list", fix)
+    try:
+        return _category_table(cats)
+    except ValueError as e:
+        raise DataError(where, f"bad 'categories': {e}") from None
+
+
 def _is_thing(cid: int, info: Mapping[str, Any]) -> bool:
     if "isthing" not in info:
         raise ValueError(f"category {cid} has no 'isthing' field: Things/Stuff need it "
@@ -831,14 +844,8 @@ def pq_compute(gt_json: Any, pred_json: Any, gt_folder: Any = None, pred_folder:
     gt_dir = _default_folder(gt_path, gt_folder, "gt")
     pred_dir = _default_folder(pred_path, pred_folder, "pred")
 
-    cats_list = gt_data.get("categories")
-    if not isinstance(cats_list, list) or not cats_list:
-        raise DataError(gt_label, "has no 'categories' list", "the ground-truth JSON must list the categories "
-                        "with id and isthing")
-    try:
-        categories = _category_table(cats_list)
-    except ValueError as e:
-        raise DataError(gt_label, f"bad 'categories': {e}") from None
+    categories = _json_category_table(gt_data, gt_label, "the ground-truth JSON must list the categories "
+                                      "with id and isthing")
     for cid, info in categories.items():
         if "isthing" not in info:
             raise DataError(gt_label, f"category {cid} has no 'isthing'", "mark every category isthing 0 or 1")

@@ -289,6 +289,19 @@ def find_coco_image(root: str | os.PathLike, split: str, file_name: str) -> Path
     return None
 
 
+def read_coco_json(path: Path, what: str, kind: str) -> dict[str, Any]:
+    """The parsed annotation JSON at ``path``, which must hold ``images``, ``annotations`` and
+    ``categories`` lists, else DataError (``cannot read {what}`` / ``not a {kind} file``)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(path, f"cannot read {what} ({e})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(doc.get(key), list):
+            raise DataError(path, f"not a {kind} file: no '{key}' list")
+    return doc
+
+
 def is_coco_dataset(data: str | os.PathLike, split: str = "train") -> bool:
     """True when ``data`` is a COCO JSON, or a folder holding one for ``split`` (and no VOC labels)."""
     p = Path(data)
@@ -323,13 +336,7 @@ class CocoInstances(SampleDataset):
         if image_mode not in ("RGB", "L"):
             raise ValueError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
         self.image_mode = image_mode
-        try:
-            doc = json.loads(self.annotation_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DataError(self.annotation_file, f"cannot read COCO JSON ({e})") from None
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(doc.get(key), list):
-                raise DataError(self.annotation_file, f"not a COCO instance file: no '{key}' list")
+        doc = read_coco_json(self.annotation_file, "COCO JSON", "COCO instance")
         cats = sorted((c for c in doc["categories"] if str(c.get("name", "")).lower() not in BACKGROUND_NAMES),
                       key=lambda c: c["id"])
         self.categories = cats

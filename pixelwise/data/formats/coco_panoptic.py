@@ -50,6 +50,7 @@ import torch
 
 from pixelwise.data.classes import IGNORE_INDEX, ClassInfo, palette
 from pixelwise.data.formats.base import SampleDataset
+from pixelwise.data.formats.coco import find_coco_image, read_coco_json
 from pixelwise.data.io import atomic_directory, atomic_write_text, read_image, write_image
 from pixelwise.errors import DataError
 
@@ -444,13 +445,7 @@ class CocoPanoptic(SampleDataset):
         if image_mode not in ("RGB", "L"):
             raise ValueError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
         self.image_mode = image_mode
-        try:
-            doc = json.loads(self.annotation_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DataError(self.annotation_file, f"cannot read the panoptic JSON ({e})") from None
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(doc.get(key), list):
-                raise DataError(self.annotation_file, f"not a COCO panoptic file: no '{key}' list")
+        doc = read_coco_json(self.annotation_file, "the panoptic JSON", "COCO panoptic")
         try:
             cats = sorted(categories_from_classes(doc["categories"]), key=lambda c: c["id"])
         except (ValueError, TypeError) as e:
@@ -505,11 +500,9 @@ class CocoPanoptic(SampleDataset):
         return len(self.images)
 
     def image_path(self, file_name: str) -> Path:
-        for base in (self.root, self.root / self.split, self.root / f"{self.split}2017", self.root / "images",
-                     self.root / "JPEGImages"):
-            p = base / file_name
-            if p.is_file():
-                return p
+        p = find_coco_image(self.root, self.split, file_name)
+        if p is not None:
+            return p
         raise DataError(self.root / file_name, "image of the panoptic annotation file not found",
                         "pass image_root= (the folder file_name is relative to)")
 
