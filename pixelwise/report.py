@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pixelwise.data.io import atomic_write_text, write_image
+from pixelwise.engine.common import uint8_image
 from pixelwise.errors import DataError, PixelwiseError
 
 __all__ = ["write_report", "write_eval_plots", "read_history", "per_class_mask_ap", "TaskReport", "TASK_REPORTS"]
@@ -221,7 +222,7 @@ def _semantic_report(ctx: _Context) -> TaskReport:
     for i in range(min(ctx.max_images, len(ds))):
         raw = ds.load(i)
         pred = predict_labels(model, ds[i]["image"][None].to(ctx.device))[0].cpu().numpy()
-        rows.append([_fit(_to_uint8(raw["image"])), _fit(colorize(raw["semantic"].numpy(), colors), nearest=True),
+        rows.append([_fit(uint8_image(raw["image"])), _fit(colorize(raw["semantic"].numpy(), colors), nearest=True),
                      _fit(colorize(pred, colors), nearest=True)])
     figures = [("confusion_matrix.png", f"confusion matrix on {ctx.split}, each ground-truth row normalised to 1"),
                ("per_class_iou.png", f"per-class IoU on {ctx.split}")]
@@ -267,7 +268,7 @@ def _instance_report(ctx: _Context) -> TaskReport:
     with torch.inference_mode():
         for i in range(min(ctx.max_images, len(ds))):
             raw = ds.load(i)
-            img = _to_uint8(raw["image"])
+            img = uint8_image(raw["image"])
             s = _scale_for(*img.shape[:2])
             big = _fit(img)  # drawn at display size, so that the text stays small
             inst = raw["instances"]
@@ -343,7 +344,7 @@ def _panoptic_report(ctx: _Context) -> TaskReport:
     with torch.inference_mode():
         for i in range(min(ctx.max_images, len(ds))):
             raw = ds.load(i)
-            img = _to_uint8(raw["image"])
+            img = uint8_image(raw["image"])
             big = _fit(img)
             out = model([ds[i]["image"].to(ctx.device)])[0]
             truth = draw_panoptic(big, _fit_ids(raw["panoptic"].numpy(), big.shape[:2]), raw["segments"], cats)
@@ -376,12 +377,6 @@ TASK_REPORTS: dict[str, Callable[[_Context], TaskReport]] = {
 # ---------------------------------------------------------------------------------------
 # pictures
 # ---------------------------------------------------------------------------------------
-
-
-def _to_uint8(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    a = (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[..., :3]
 
 
 def _scale_for(h: int, w: int, side: int = GRID_SIDE) -> float:

@@ -159,11 +159,10 @@ def _predict_semantic(p: Predictor, image: np.ndarray) -> dict[str, Any]:
 
 
 def _detection_input(p: Predictor, image: np.ndarray) -> list[torch.Tensor]:
-    """A uint8 (H, W, C) image as the one-image list detection models take (normalised)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255).permute(2, 0, 1)
-    mean = torch.tensor(p.normalization["mean"]).view(-1, 1, 1)
-    std = torch.tensor(p.normalization["std"]).view(-1, 1, 1)
-    return [((x - mean) / std).to(p.device)]
+    """A uint8 (H, W[, C]) image as the one-image list detection models take (normalised)."""
+    from pixelwise.engine.predict import normalize_image
+
+    return [normalize_image(image, p.normalization).to(p.device)]
 
 
 @torch.inference_mode()

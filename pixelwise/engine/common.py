@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
@@ -17,7 +18,7 @@ from pixelwise.errors import DataError
 
 __all__ = ["open_dataset", "pad_collate", "make_loader", "resolve_device", "normalization_for", "write_json",
            "json_clean", "RepeatDataset", "has_instance_maps", "apply_skip_bad", "record_skipped",
-           "skipped_report"]
+           "skipped_report", "uint8_image"]
 
 # Fill value of padded pixels per batch key (pad_collate); every other per-pixel key gets 255 = ignore.
 PAD_FILL = {"image": 0, "weight_map": 0}
@@ -89,6 +90,12 @@ def record_skipped(path: str | os.PathLike, split: str, ds: Dataset) -> None:
     write_json(path, data)
 
 
+def uint8_image(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8 (one channel repeated; a 4th dropped), for pictures."""
+    a = (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
+    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else np.ascontiguousarray(a[..., :3])
+
+
 def has_instance_maps(root: str | os.PathLike) -> bool:
     """True when a VOC-layout folder has instance maps (``SegmentationObject[PNG]/*.png``)."""
     from pixelwise.data.formats.voc import OBJECT_DIRS
@@ -141,7 +148,7 @@ def pad_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int | None = None, seed: int = 0,
-                drop_last: bool = False, sampler=None) -> DataLoader:
+                drop_last: bool = False, sampler=None, collate_fn=pad_collate) -> DataLoader:
     """``sampler`` (e.g. a rank's share under torchrun, engine/distributed.py) replaces ``shuffle``;
     ``num_workers=None``: auto (:func:`pixelwise.inference.default_num_workers`)."""
     from pixelwise.inference import resolve_num_workers
@@ -153,7 +160,7 @@ def make_loader(ds: Dataset, batch_size: int, shuffle: bool, num_workers: int | 
     n = len(ds) if sampler is None else len(sampler)
     return DataLoader(
         ds, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
-        num_workers=resolve_num_workers(num_workers), collate_fn=pad_collate,
+        num_workers=resolve_num_workers(num_workers), collate_fn=collate_fn,
         generator=g, drop_last=drop_last and n > batch_size, persistent_workers=False,
     )
 

@@ -43,7 +43,7 @@ from pixelwise.errors import PixelwiseError
 __all__ = [
     "init_distributed", "cleanup", "is_distributed", "rank", "local_rank", "world_size", "is_main", "barrier",
     "wrap_model", "unwrap_model", "sync_buffers", "distributed_sampler", "EpochSampler", "shard_sampler",
-    "ShardSampler", "all_reduce_sum", "gather_objects", "broadcast_object", "step_sync", "step_sync_values",
+    "ShardSampler", "is_sharded_eval", "all_reduce_sum", "gather_objects", "broadcast_object", "step_sync", "step_sync_values",
     "run_on_main", "autocast", "launched_by_torchrun",
 ]
 
@@ -212,6 +212,17 @@ class ShardSampler(Sampler[int]):
 def shard_sampler(dataset) -> ShardSampler:
     """This rank's evaluation shard of ``dataset`` (all of it without torchrun)."""
     return ShardSampler(len(dataset), world_size(), rank())
+
+
+def is_sharded_eval(loader: Any, fn: str) -> bool:
+    """True when ``loader`` holds this rank's block of the split under torchrun (a
+    :class:`ShardSampler`), so the evaluation ``fn`` must combine every rank's part; a padding
+    ``DistributedSampler`` (samples counted twice) is refused."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
+        raise ValueError(f"{fn}: a DistributedSampler repeats samples to even out the ranks; "
+                         "evaluate with pixelwise.engine.distributed.shard_sampler(dataset)")
+    return isinstance(sampler, ShardSampler) and is_distributed()
 
 
 def _comm_device() -> torch.device:

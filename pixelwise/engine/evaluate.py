@@ -62,11 +62,7 @@ def evaluate_model(model: nn.Module, loader, num_classes: int, device: torch.dev
     (``DistributedSampler``) would count samples twice and is refused."""
     from pixelwise.engine import distributed as dist
 
-    sampler = getattr(loader, "sampler", None)
-    sharded = isinstance(sampler, dist.ShardSampler) and dist.is_distributed()
-    if isinstance(sampler, dist.DistributedSampler) and sampler.num_replicas > 1:
-        raise ValueError("evaluate_model: a DistributedSampler repeats samples to even out the ranks; "
-                         "evaluate with pixelwise.engine.distributed.shard_sampler(dataset)")
+    sharded = dist.is_sharded_eval(loader, "evaluate_model")
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix(num_classes, ignore_index=255)

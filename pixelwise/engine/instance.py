@@ -50,7 +50,8 @@ from pixelwise.engine.checkpoint import (
     RunState, load_checkpoint, model_from_checkpoint, restore_run, rng_state, save_epoch, save_step,
     step_checkpoints,
 )
-from pixelwise.engine.common import RepeatDataset, apply_skip_bad, resolve_device, skipped_report, write_json
+from pixelwise.engine.common import (RepeatDataset, apply_skip_bad, make_loader, resolve_device, skipped_report,
+                                     uint8_image, write_json)
 from pixelwise.engine.config import TrainConfig
 from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.metrics.instance import coco_evaluate, detections_to_coco, format_coco_metrics, write_coco_results
@@ -96,41 +97,16 @@ def instance_collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _loader(ds, batch_size: int, shuffle: bool, num_workers: int | None, seed: int = 0,
             drop_last: bool = False, sampler=None) -> DataLoader:
-    """``num_workers=None``: auto (:func:`pixelwise.inference.default_num_workers`); ``sampler``
-    (a rank's share under torchrun, engine/distributed.py) replaces ``shuffle``."""
-    from pixelwise.inference import resolve_num_workers
-
+    """:func:`~pixelwise.engine.common.make_loader` with :func:`instance_collate`."""
     if len(ds) == 0:
         raise DataError(getattr(ds, "annotation_file", "dataset"), "the split has no images")
-    g = torch.Generator()
-    g.manual_seed(seed)
-    n = len(ds) if sampler is None else len(sampler)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle if sampler is None else None, sampler=sampler,
-                      num_workers=resolve_num_workers(num_workers), collate_fn=instance_collate, generator=g,
-                      drop_last=drop_last and n > batch_size)
-
-
-def _check_sampler(loader: DataLoader, fn: str) -> bool:
-    """True when ``loader`` holds this rank's block of the split under torchrun (a
-    :class:`~pixelwise.engine.distributed.ShardSampler`), so the evaluation gathers every
-    rank's part; a padding ``DistributedSampler`` (samples counted twice) is refused."""
-    sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, dist.DistributedSampler) and sampler.num_replicas > 1:
-        raise ValueError(f"{fn}: a DistributedSampler repeats samples to even out the ranks; "
-                         "evaluate with pixelwise.engine.distributed.shard_sampler(dataset)")
-    return isinstance(sampler, dist.ShardSampler) and dist.is_distributed()
+    return make_loader(ds, batch_size, shuffle, num_workers, seed, drop_last, sampler, collate_fn=instance_collate)
 
 
 def _open(data: str, split: str, transforms, image_mode: str, skip_empty: bool = False) -> CocoInstances:
     if not Path(data).exists():
         raise DataError(data, "dataset not found", "create one with `pixelwise data synth --out DIR`")
     return CocoInstances(data, split, transforms=transforms, image_mode=image_mode, skip_empty=skip_empty)
-
-
-def _uint8_image(image: torch.Tensor) -> np.ndarray:
-    """(C, H, W) float in [0, 1] -> (H, W, 3) uint8."""
-    a = (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    return np.repeat(a, 3, axis=2) if a.shape[2] == 1 else np.ascontiguousarray(a[..., :3])
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,7 +126,7 @@ def evaluate_instance_model(model: torch.nn.Module, loader: DataLoader, category
     :class:`~pixelwise.engine.distributed.ShardSampler` holds this rank's block of the split:
     the detections of every rank are gathered in dataset order and scored once on rank 0
     (every rank gets the metrics, exactly those of one process; rank 0 writes the file)."""
-    sharded = _check_sampler(loader, "evaluate_instance_model")
+    sharded = dist.is_sharded_eval(loader, "evaluate_instance_model")
     was_training = model.training
     model.eval()
     threshold = float(getattr(model, "mask_threshold", 0.5))
@@ -271,7 +247,7 @@ def _instance_picture(model: torch.nn.Module, ds: Any, index: int, device: torch
     """image | its instances with score >= :data:`PICTURE_SCORE` (class and score written)."""
     from pixelwise.viz import comparison_grid
 
-    image = _uint8_image(ds.load(index)["image"])
+    image = uint8_image(ds.load(index)["image"])
     out = model([ds[index]["image"].to(device)])[0]
     keep = out["scores"] >= PICTURE_SCORE
     out = {k: v[keep].cpu() for k, v in out.items()}
@@ -520,7 +496,8 @@ def predict_instance_files(checkpoint: str | os.PathLike, inputs: Iterable[str |
     images whose three files exist (resume an interrupted run)."""
     from pixelwise.data.classes import palette_bytes
     from pixelwise.data.io import read_image, write_image, write_label_png
-    from pixelwise.engine.predict import collect_inputs, pending_inputs
+    from pixelwise.engine.predict import collect_inputs, normalize_image, pending_inputs
+    from pixelwise.export import instance_id_map  # NumPy only: export.py imports no torch at module level
 
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint).eval()
@@ -530,8 +507,6 @@ def predict_instance_files(checkpoint: str | os.PathLike, inputs: Iterable[str |
     mode = norm.get("image_mode", "RGB")
     names = [c["name"] for c in ckpt["classes"]]
     thr = float(getattr(model, "mask_threshold", 0.5))
-    mean = torch.tensor(norm["mean"]).view(-1, 1, 1)
-    std = torch.tensor(norm["std"]).view(-1, 1, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -540,15 +515,11 @@ def predict_instance_files(checkpoint: str | os.PathLike, inputs: Iterable[str |
         files = pending_inputs(files, out, (".png", "_overlay.png", ".json"))
     for f in tqdm(files, desc="predict", unit="img", disable=not progress):
         image = read_image(f, mode=mode)
-        x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
-        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        pred = model([((x - mean) / std).to(dev)])[0]
+        pred = model([normalize_image(image, norm).to(dev)])[0]
         keep = pred["scores"] >= score_threshold
         pred = {k: v[keep].cpu() for k, v in pred.items()}
         masks = (pred["masks"][:, 0] >= thr).numpy()
-        ids = np.zeros(image.shape[:2], np.uint8)
-        for k in range(len(masks) - 1, -1, -1):  # lowest score first, so the best ends on top
-            ids[masks[k]] = min(k + 1, 254)
+        ids = instance_id_map(masks, image.shape)  # the same map the ONNX predict writes
         write_label_png(out / f"{f.stem}.png", ids, palette_bytes(None))
         vis = draw_instances(image, masks, pred["boxes"].numpy(), pred["labels"].tolist(), pred["scores"].tolist(),
                              names, alpha)

@@ -42,9 +42,9 @@ from pixelwise.data.formats.coco_panoptic import CocoPanoptic, write_panoptic_pn
 from pixelwise.data.transforms import build_transforms
 from pixelwise.engine import distributed as dist
 from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from pixelwise.engine.common import apply_skip_bad, resolve_device, skipped_report, write_json
+from pixelwise.engine.common import apply_skip_bad, resolve_device, skipped_report, uint8_image, write_json
 from pixelwise.engine.config import TrainConfig
-from pixelwise.engine.instance import DetectionTask, _check_sampler, _loader, _uint8_image, train_detection
+from pixelwise.engine.instance import DetectionTask, _loader, train_detection
 from pixelwise.errors import DataError
 from pixelwise.metrics.panoptic import PQStat, format_pq_table, pq_single_image
 
@@ -135,7 +135,7 @@ def evaluate_panoptic_model(model: torch.nn.Module, loader: DataLoader, categori
     """
     from pixelwise.metrics.instance import detections_to_coco
 
-    sharded = _check_sampler(loader, "evaluate_panoptic_model")
+    sharded = dist.is_sharded_eval(loader, "evaluate_panoptic_model")
     was_training = model.training
     model.eval()
     thing_ids = [int(c["id"]) for c in categories if c["isthing"]]
@@ -218,7 +218,7 @@ def _panoptic_picture(model: torch.nn.Module, ds: Any, index: int, device: torch
     """image | its predicted segments (things labelled with class and segment id)."""
     from pixelwise.viz import comparison_grid
 
-    image = _uint8_image(ds.load(index)["image"])
+    image = uint8_image(ds.load(index)["image"])
     out = model([ds[index]["image"].to(device)])[0]
     return comparison_grid([[image, draw_panoptic(image, out["panoptic"].cpu().numpy(), out["segments_info"],
                                                   ds.categories)]])
@@ -388,7 +388,7 @@ def predict_panoptic_files(checkpoint: str | os.PathLike, inputs: Iterable[str |
     and ``OUT/{stem}_overlay.png``; then ``OUT/panoptic.json`` (see the module docstring for
     the image ids). Returns the PNG paths and, last, the JSON path."""
     from pixelwise.data.io import read_image, write_image
-    from pixelwise.engine.predict import collect_inputs
+    from pixelwise.engine.predict import collect_inputs, normalize_image
 
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt, checkpoint).eval()
@@ -397,8 +397,6 @@ def predict_panoptic_files(checkpoint: str | os.PathLike, inputs: Iterable[str |
     norm = ckpt["normalization"]
     mode = norm.get("image_mode", "RGB")
     categories = ckpt["categories"]
-    mean = torch.tensor(norm["mean"]).view(-1, 1, 1)
-    std = torch.tensor(norm["std"]).view(-1, 1, 1)
     files = collect_inputs(inputs)
     stems: dict[str, Path] = {}
     for f in files:
@@ -412,9 +410,7 @@ def predict_panoptic_files(checkpoint: str | os.PathLike, inputs: Iterable[str |
     written, annotations, images = [], [], []
     for f, image_id in tqdm(list(zip(files, ids)), desc="predict", unit="img", disable=not progress):
         image = read_image(f, mode=mode)
-        x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
-        x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-        pred = model([((x - mean) / std).to(dev)])[0]
+        pred = model([normalize_image(image, norm).to(dev)])[0]
         id_map = pred["panoptic"].cpu().numpy()
         write_panoptic_png(out / f"{f.stem}.png", id_map)
         write_image(out / f"{f.stem}_overlay.png", draw_panoptic(image, id_map, pred["segments_info"], categories,

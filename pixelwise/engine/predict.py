@@ -22,7 +22,7 @@ from pixelwise.engine.evaluate import predict_labels
 from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.viz import overlay
 
-__all__ = ["predict_files", "predict_array", "collect_inputs", "pending_inputs"]
+__all__ = ["predict_files", "predict_array", "normalize_image", "collect_inputs", "pending_inputs"]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 SEMANTIC_OUTPUTS = (".png", "_overlay.png")  # per input image, written in this order
@@ -52,16 +52,22 @@ def pending_inputs(files: Iterable[Path], out: str | os.PathLike, suffixes: Iter
     return [f for f in files if not all((out / f"{f.stem}{s}").is_file() for s in suffixes)]
 
 
+def normalize_image(image: np.ndarray, normalization: dict[str, Any]) -> torch.Tensor:
+    """uint8 (H, W[, C]) image -> float (C, H, W) tensor on the CPU, scaled to [0, 1] and
+    normalised with the checkpoint's ``mean``/``std`` (the model's input for one image)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    mean = torch.tensor(normalization["mean"]).view(-1, 1, 1)
+    std = torch.tensor(normalization["std"]).view(-1, 1, 1)
+    return (x - mean) / std
+
+
 @torch.inference_mode()
 def predict_array(model: torch.nn.Module, image: np.ndarray, normalization: dict[str, Any],
                   device: torch.device | str = "cpu", *, tile: int | None = None, overlap: int | None = None,
                   flip: bool = False, scales: tuple[float, ...] | None = None) -> np.ndarray:
     """uint8 (H, W[, C]) image -> (H, W) int64 class ids (model in eval mode)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
-    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-    mean = torch.tensor(normalization["mean"]).view(-1, 1, 1)
-    std = torch.tensor(normalization["std"]).view(-1, 1, 1)
-    x = ((x - mean) / std)[None].to(device)
+    x = normalize_image(image, normalization)[None].to(device)
     return predict_labels(model, x, tile, overlap, flip, scales)[0].cpu().numpy()
 
 

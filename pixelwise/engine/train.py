@@ -57,7 +57,7 @@ from pixelwise.engine.checkpoint import (
 )
 from pixelwise.engine.common import (
     RepeatDataset, has_instance_maps, make_loader, normalization_for, open_dataset, resolve_device,
-    write_json,
+    uint8_image, write_json,
 )
 from pixelwise.engine.config import TrainConfig
 from pixelwise.engine.evaluate import evaluate_model
@@ -171,8 +171,7 @@ def val_pictures(model: torch.nn.Module, ds, colors, device: torch.device,
     panels = []
     for i in range(min(count, len(ds))):
         raw = ds.load(i)["image"]
-        image = (raw.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-        image = np.repeat(image, 3, axis=2) if image.shape[2] == 1 else np.ascontiguousarray(image[..., :3])
+        image = uint8_image(raw)
         pred = predict_labels(model, ds[i]["image"][None].to(device))[0].cpu().numpy()
         panels.append(comparison_grid([[image, overlay(image, pred, colors)]]))
     model.train(was_training)
