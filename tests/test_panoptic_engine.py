@@ -113,7 +113,7 @@ def test_crowd_and_void_become_ignore(data, tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def test_training_writes_a_panoptic_checkpoint(run, capsys):
+def test_training_writes_a_panoptic_checkpoint(run):
     from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
 
     ck = load_checkpoint(run / "last.pt")
@@ -137,7 +137,8 @@ def test_predicted_files_score_exactly_the_in_memory_pq(run, data, tmp_path, cap
     val_images = sorted((data / "JPEGImages").glob("val_*.png"))
     assert main(["predict", "--checkpoint", str(run / "last.pt"), *map(str, val_images), "--out", str(pred),
                  "--quiet"]) == 0
-    assert "panoptic.json" in capsys.readouterr().out
+    assert (f"wrote {len(val_images)} panoptic PNGs and overlays to {pred} and their segments to "
+            f"{pred / 'panoptic.json'}") in capsys.readouterr().out
     doc = json.loads((pred / "panoptic.json").read_text())
     gt_doc, gt_dir = _gt(data)
     assert [a["image_id"] for a in doc["annotations"]] == [a["image_id"] for a in gt_doc["annotations"]]

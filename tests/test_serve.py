@@ -288,7 +288,7 @@ def test_cli_serve_port_0_prints_the_url(semantic_ckpt, monkeypatch, capsys):
     result: list = []
     t = threading.Thread(target=lambda: result.append(main(
         ["serve", "--checkpoint", str(semantic_ckpt), "--port", "0", "--device", "cpu", "--quiet",
-         "--max-upload-mb", "3"])), daemon=True)
+         "--max-upload-mb", "3", "--max-megapixels", "7", "--score-threshold", "0.25", "--tta-flip"])), daemon=True)
     t.start()
     out = ""
     try:
@@ -298,6 +298,9 @@ def test_cli_serve_port_0_prints_the_url(semantic_ckpt, monkeypatch, capsys):
         port = servers[0].server_address[1]
         assert port != 0 and f"open http://127.0.0.1:{port}/  (Ctrl-C stops)" in out
         assert "serving unet (semantic, 3 classes, cpu)" in out and servers[0].max_upload_bytes == 3_000_000
+        predictor = servers[0].predictor  # every flag reaches the server and its predictor
+        assert servers[0].max_megapixels == 7.0 and predictor.score_threshold == 0.25 and not servers[0].log_requests
+        assert predictor.inference == {"tile": None, "overlap": None, "flip": True, "scales": None}
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=60) as r:
             assert json.loads(r.read())["model"] == "unet"
     finally:
