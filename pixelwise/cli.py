@@ -123,20 +123,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 0
     if not a.no_report:
         _report_after_training(result["out"], cfg)
-    best = result["best"]
-    if result.get("task") == "instance":
-        print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mask AP "
-              f"{best.get('mask_AP', float('nan')):.4f} AP50 {best.get('mask_AP50', float('nan')):.4f} "
-              f"(epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
-        return 0
-    if result.get("task") == "panoptic":
-        nan = float("nan")
-        print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val PQ {best.get('pq', nan):.4f} "
-              f"(PQ^Th {best.get('pq_th', nan):.4f}, PQ^St {best.get('pq_st', nan):.4f}) "
-              f"(epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
-        return 0
-    print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mIoU "
-          f"{best.get('miou', float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
+    from pixelwise.tasks import get_task
+
+    resumed = f" ({result['steps_run']} of them in this process, resumed)" if result["steps_run"] != result["steps"] else ""
+    print(f"trained {result['steps']} steps{resumed} in {result['time']:.0f}s; {get_task(result['task']).summary(result)}"
+          f"; run folder: {result['out']}")
     return 0
 
 
@@ -164,21 +155,14 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from pixelwise.engine.evaluate import evaluate_checkpoint, format_metrics
+    from pixelwise.engine.evaluate import evaluate_checkpoint
 
     m = evaluate_checkpoint(a.checkpoint, a.data, a.split, out=a.out, batch_size=a.batch_size,
                             device=a.device, progress=not a.quiet, instance_f1=a.instance_f1, min_size=a.min_size,
                             fast=a.fast, skip_bad_samples=a.skip_bad_samples, **_inference_kwargs(a))
-    if m.get("task") == "instance":
-        from pixelwise.engine.instance import format_instance_metrics
+    from pixelwise.tasks import get_task
 
-        print(format_instance_metrics(m) + f"\nCOCO results (RLE) written to {m['results_json']}")
-    elif m.get("task") == "panoptic":
-        from pixelwise.engine.panoptic import format_panoptic_metrics
-
-        print(format_panoptic_metrics(m))
-    else:
-        print(format_metrics(m, m["class_names"]))
+    print(get_task(m["task"]).format(m))
     if a.out:
         print(f"metrics written to {a.out}")
         if "confusion" in m:  # semantic: F_confusion_matrix.png, F_per_class_iou.png
@@ -268,19 +252,21 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         return 0
     if not a.checkpoint:
         raise PixelwiseError("predict needs --checkpoint CKPT or --onnx MODEL.onnx")
+    from pixelwise.engine.checkpoint import load_checkpoint
+    from pixelwise.tasks import task_of_checkpoint
+
+    ckpt = load_checkpoint(a.checkpoint)
+    task = task_of_checkpoint(ckpt)
     written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, alpha=a.alpha, progress=not a.quiet,
-                            fast=a.fast, skip_existing=a.skip_existing, **_inference_kwargs(a))
+                            fast=a.fast, skip_existing=a.skip_existing, ckpt=ckpt, **_inference_kwargs(a))
+    per_run = task.end_predict_files
+    images, extra = written[:len(written) - per_run], written[len(written) - per_run:]
     if a.skip_existing:
         from pixelwise.engine.predict import collect_inputs
 
-        done = len(collect_inputs(a.inputs)) - len(written)
+        done = len(collect_inputs(a.inputs)) - len(images)
         print(f"{done} images already had their outputs in {a.out} (--skip-existing): not predicted again")
-    if written and written[-1].suffix == ".json":  # panoptic: the PNGs, then their COCO panoptic JSON
-        print(f"wrote {len(written) - 1} panoptic PNGs and overlays to {a.out} and their segments to {written[-1]}; "
-              f"score them with: pixelwise evaluate panoptic --gt-json GT.json --gt-dir GT_DIR "
-              f"--pred-json {written[-1]} --pred-dir {a.out}")
-        return 0
-    print(f"wrote {len(written)} label maps and overlays to {a.out}")
+    print(task.predict_summary(len(images), a.out, extra))
     return 0
 
 
@@ -303,8 +289,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def _cmd_models(a: argparse.Namespace) -> int:
     from pixelwise.models.summary import models_table
+    from pixelwise.tasks import task_for_model
 
-    print(models_table(size=a.size, flops=not a.no_flops))
+    print(models_table(size=a.size, flops=not a.no_flops,
+                       batch_input=lambda name: not task_for_model(name).image_list_input))
     return 0
 
 

@@ -74,7 +74,9 @@ def probe_input(model: nn.Module, size: int = 64, batch: int = 1) -> Any:
     g = torch.Generator().manual_seed(0)
     p = next(model.parameters(), None)
     device, dtype = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-    if getattr(model, "pixelwise_task", "semantic") in ("instance", "panoptic"):
+    from pixelwise.tasks import get_task
+
+    if get_task(getattr(model, "pixelwise_task", "semantic")).image_list_input:
         return [torch.rand(3, size * 2, size * 2, generator=g).to(device, dtype) for _ in range(batch)]
     if hasattr(model, "valid_input_sizes") and hasattr(model, "output_margin"):
         valid = model.valid_input_sizes(min_size=size, max_size=max(1024, size * 8))

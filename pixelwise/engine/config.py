@@ -60,6 +60,7 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept (the newest); 0 keeps all
     deterministic: bool = False  # deterministic kernels: a resumed run ends like an uninterrupted one
     amp: bool = True  # bf16 autocast on CUDA (no effect on the CPU)
+    grad_clip: float | None = None  # max gradient norm; null = the task's default (instance/panoptic 10, semantic off); 0 = off
     skip_bad_samples: bool = False  # leave out (and count) samples whose files raise a DataError
     tensorboard: bool = False  # also log scalars and a few images to RUN/tensorboard (engine/loggers.py)
     progress: bool = True
