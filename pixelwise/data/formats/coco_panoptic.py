@@ -298,15 +298,76 @@ def _pixels_u32(im: Image.Image) -> np.ndarray:
     return np.frombuffer(im.tobytes("raw", "RGBX" if im.mode == "RGB" else "RGBA"), "<u4").reshape(h, w)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_LIBPNG_COLOR_TYPES = (2, 6)  # RGB, RGBA at 8 bits (torchvision 0.29 misreads palette PNGs as RGBA)
+_libpng_decode: Any = None  # torchvision's decode_png once imported; False when unavailable
+
+
+def _find_libpng_decoder() -> Any:
+    """torchvision's ``image::decode_png`` operator asked for RGBA output, or False.
+
+    The operator is called directly: ``torchvision.io.decode_png`` adds a DeprecationWarning
+    and a usage log to every call (torchvision 0.29 deprecates its image codecs in favour of
+    TorchCodec; the operator still ships, and without it the PIL path is used)."""
+    try:
+        from torchvision.io import image as tv_image
+
+        if not tv_image._has_image_ops():
+            return False
+        op, rgba = torch.ops.image.decode_png, tv_image.ImageReadMode.RGB_ALPHA.value
+    except (ImportError, OSError, RuntimeError, AttributeError):  # no torchvision, or one without libpng
+        return False
+    return lambda data: op(data, rgba, False)
+
+
+def _decode_libpng(path: Path) -> np.ndarray | None:
+    """The pixels of an 8-bit RGB or RGBA PNG decoded by libpng (torchvision's
+    ``decode_png``, a dependency already) as uint32 (H, W), bytes R, G, B, A; None for any
+    other file, or one libpng cannot decode, which the caller then reads through PIL.
+
+    libpng decodes these maps with about 15 % less CPU time than PIL's decoder, and it
+    releases the GIL, so that threads decode in parallel. Asked for RGBA, it writes 4 bytes
+    per pixel in (H, W, 4) memory order, which NumPy reads in place as one uint32 per pixel."""
+    global _libpng_decode
+    if _libpng_decode is None:
+        _libpng_decode = _find_libpng_decoder()
+    if _libpng_decode is False:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+    except OSError:
+        return None
+    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[24] != 8 or data[25] not in _LIBPNG_COLOR_TYPES or width * height > (Image.MAX_IMAGE_PIXELS or 1 << 62):
+        return None  # 16-bit, gray, palette, huge (PIL's decompression-bomb rule): the PIL path decides
+    try:
+        chw = _libpng_decode(torch.frombuffer(data, dtype=torch.uint8))
+    except RuntimeError:  # truncated or corrupt: PIL's path names the problem
+        return None
+    hwc = chw.permute(1, 2, 0)
+    if chw.dtype != torch.uint8 or tuple(hwc.shape) != (height, width, 4) or not hwc.is_contiguous():
+        return None
+    return hwc.numpy().view("<u4").reshape(height, width)
+
+
 def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     """Decode a COCO panoptic PNG into a uint32 map (H, W) whose low 24 bits are the ids
-    (``value & 0xFFFFFF``; the top byte is PIL's padding or alpha); DataError if it is not RGB.
+    (``value & 0xFFFFFF``; the top byte is padding or alpha); DataError if it is not RGB.
 
-    Fast path: PIL decodes an RGB PNG into 4 bytes per pixel, which NumPy reads in place
-    (:func:`_pixels_u32`) as one little-endian uint32 per pixel: no copy, no per-channel
-    arithmetic, and the id bits are masked only where they are used. Anything
+    Fast paths: libpng (:func:`_decode_libpng`) for 8-bit RGB and RGBA PNGs, else
+    PIL, which decodes an RGB PNG into 4 bytes per pixel that NumPy reads in place
+    (:func:`_pixels_u32`). Either way one little-endian uint32 per pixel: no copy, no
+    per-channel arithmetic, and the id bits are masked only where they are used. Anything
     unusual (a missing, truncated or corrupt file, another mode) goes through
     :func:`read_image`, which raises the library's DataError or decodes it the careful way."""
+    path = Path(path)
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:  # else a truncated file would decode (PIL fills it with grey)
+        pixels = _decode_libpng(path)
+        if pixels is not None:
+            return pixels
     if not ImageFile.LOAD_TRUNCATED_IMAGES:  # else PIL would fill a truncated file with grey
         try:
             with Image.open(path) as im:
