@@ -414,7 +414,9 @@ def _count_pairs(gt_map: np.ndarray, gt: SegmentsInfo, pred_map: np.ndarray, pre
         empty = np.zeros(0, np.int64)
         return empty, empty, empty
     starts = _runs(gt_flat, pred_flat)
-    lengths = np.diff(starts, append=n)
+    lengths = np.empty_like(starts)
+    np.subtract(starts[1:], starts[:-1], out=lengths[:-1])
+    lengths[-1] = n - starts[-1]
     width = len(pred.ids) + 2
     cells = (len(gt.ids) + 2) * width
     code = _index(_run_ids(gt_flat, starts, raw), gt).astype(np.intp)
