@@ -301,9 +301,12 @@ class DatasetCheck:
 
     def check_panoptic(self, path: Path) -> None:
         from pixelwise.data.formats.coco import find_coco_image
-        from pixelwise.metrics.panoptic import (
-            _annotations, _fmt_ids, _json_category_table, _read_id_png, _Segments, _unknown_ids,
-        )
+        from pixelwise.data.formats.coco_panoptic import SegmentsInfo as _Segments
+        from pixelwise.data.formats.coco_panoptic import annotations_by_image as _annotations
+        from pixelwise.data.formats.coco_panoptic import format_ids as _fmt_ids
+        from pixelwise.data.formats.coco_panoptic import json_category_table as _json_category_table
+        from pixelwise.data.formats.coco_panoptic import read_panoptic_png as _read_id_png
+        from pixelwise.data.formats.coco_panoptic import unknown_ids_error as _unknown_ids
 
         doc = _load_json(path)
         split = _split_of(path, "panoptic_")
