@@ -35,18 +35,26 @@ def normalization_for(image_mode: str, mean: Sequence[float] | None, std: Sequen
 
 def open_dataset(root: str | os.PathLike, split: str, transforms=None, image_mode: str = "RGB",
                  with_instances: bool = False, skip_bad: bool = False,
-                 report_to: str | os.PathLike | None = None, quiet: bool = False) -> Dataset:
-    """Open a semantic dataset on disk. Today: the VOC layout (ours, PASCAL VOC, labelme).
-    ``with_instances`` also loads the instance maps (``instance_map``). ``skip_bad``: leave
-    out the samples whose files raise a DataError, print a warning line (unless ``quiet``)
-    and, with ``report_to``, record them in that JSON file (:func:`record_skipped`)."""
-    from pixelwise.data.formats.voc import VOCSegmentation
+                 report_to: str | os.PathLike | None = None, quiet: bool = False, *,
+                 val_fraction: float = 0.2, seed: int = 0, colors: str | os.PathLike | None = None) -> Dataset:
+    """Open a semantic dataset on disk in any layout :func:`pixelwise.data.formats.detect.open_semantic`
+    knows (images/ + masks/, train/ + val/ folders, VOC, labelme, CVAT, Cityscapes, ADE20K).
+    ``with_instances`` also loads the instance maps (``instance_map``). ``val_fraction`` and
+    ``seed`` give the automatic train/val split of layouts without one; ``colors`` is the
+    colour table of RGB masks. Guessed encodings are said in one line on stderr (unless
+    ``quiet``). ``skip_bad``: leave out the samples whose files raise a DataError, print a
+    warning line (unless ``quiet``) and, with ``report_to``, record them in that JSON file
+    (:func:`record_skipped`)."""
+    from pixelwise.data.formats.detect import open_semantic
+    from pixelwise.data.formats.folder import print_notes
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found", "create one with `pixelwise data synth --out DIR`")
-    ds = VOCSegmentation(root, split=split, transforms=transforms, image_mode=image_mode,
-                         with_instances=with_instances)
+    ds = open_semantic(root, split, transforms, image_mode=image_mode, with_instances=with_instances,
+                       val_fraction=val_fraction, seed=seed, colors=colors)
+    if not quiet:
+        print_notes(ds)
     return apply_skip_bad(ds, skip_bad, split, root, report_to, quiet=quiet)
 
 
