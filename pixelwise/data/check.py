@@ -70,6 +70,9 @@ class DatasetCheck:
 
     root: Path
     image_mode: str | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    colors: str | None = None
     problems: list[Problem] = field(default_factory=list)
     formats: list[tuple[str, Path]] = field(default_factory=list)
     _images: dict[Path, tuple[int, int] | None] = field(default_factory=dict)
@@ -87,7 +90,12 @@ class DatasetCheck:
 
     @property
     def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if not p.is_error]
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def notes(self) -> list[Problem]:
+        """How the data is read where it had to be guessed (e.g. binary 0/255 masks)."""
+        return [p for p in self.problems if p.severity == "note"]
 
     # -- collecting ------------------------------------------------------------------------
 
@@ -135,6 +143,18 @@ class DatasetCheck:
             self.error(self.root, "dataset not found")
             return self
         found = detect_formats(self.root)
+        layout = None
+        if self.root.is_dir():
+            from pixelwise.data.formats.detect import detect_layout
+
+            try:
+                layout = detect_layout(self.root)
+            except DataError as e:
+                if not found:  # no semantic layout and no COCO JSON: say what was expected
+                    self.problems.append(Problem.of(e))
+                    return self
+            if layout is not None and layout != VOC:
+                found = [(layout, self.root)] + [(f, p) for f, p in found if f != VOC]
         if not found:
             self.error(self.root, "no dataset found: neither a VOC layout (JPEGImages/, SegmentationClass/) nor a "
                        "COCO instances or panoptic JSON",
@@ -143,10 +163,31 @@ class DatasetCheck:
         for fmt, path in found:
             self.formats.append((fmt, path))
             try:
-                {VOC: self.check_voc, COCO: self.check_coco, PANOPTIC: self.check_panoptic}[fmt](path)
+                if fmt == VOC:
+                    self.check_voc(path)
+                    self.check_training_splits(path)
+                elif fmt in (COCO, PANOPTIC):
+                    {COCO: self.check_coco, PANOPTIC: self.check_panoptic}[fmt](path)
+                else:
+                    self.check_semantic(path, fmt)
             except DataError as e:  # a problem that stops this format's checks
                 self.problems.append(Problem.of(e))
+        self.check_coco_train_split(found)
         return self
+
+    def check_coco_train_split(self, found: list[tuple[str, Path]]) -> None:
+        """A COCO (or panoptic) folder whose JSONs hold no ``train`` split: training stops there."""
+        if not self.root.is_dir():
+            return  # a JSON given directly is its own split
+        for kind, prefix in ((COCO, "instances_"), (PANOPTIC, "panoptic_")):
+            jsons = [p for f, p in found if f == kind]
+            if not jsons or any(p.name == "annotations.json" for p in jsons):
+                continue
+            splits = sorted({_split_of(p, prefix) for p in jsons})
+            if "train" not in splits:
+                name = f"annotations/{prefix}train.json"
+                self.error(self.root / name, f"no train split: the {kind} JSONs hold only {', '.join(splits)}",
+                           f"training reads {name}: add it (or rename a split's JSON)")
 
     # -- VOC layout ------------------------------------------------------------------------
 
@@ -219,16 +260,83 @@ class DatasetCheck:
                 if problem is not None:
                     self.problems.append(Problem.of(problem))
 
+    def _field_problems(self, doc: dict, found: tuple) -> dict:
+        """Record the malformed-field problems of a COCO JSON; the document without the
+        flagged entries (so the other checks do not trip over them)."""
+        general, by_image, flagged = found
+        for e in [*general, *(e for errors in by_image.values() for e in errors)]:
+            self.problems.append(Problem.of(e))
+        if not flagged:
+            return doc
+        doc = dict(doc)
+        for key in ("categories", "images", "annotations"):
+            if isinstance(doc.get(key), list):
+                doc[key] = [x for k, x in enumerate(doc[key]) if (key, k) not in flagged]
+        return doc
+
+    # -- the semantic layouts (images/ + masks/, split folders, CVAT, Cityscapes, ADE20K) ------
+
+    def check_semantic(self, root: Path, layout: str) -> None:
+        """Open every split the way training does (:func:`~pixelwise.data.formats.detect.open_semantic`)
+        and load every sample: the same readers, so the same errors."""
+        from pixelwise.data.formats.detect import layout_splits, open_semantic
+
+        seen: set[str] = set()
+        for split in self._splits_to_open(root, layout, layout_splits(root, layout)):
+            try:
+                ds = open_semantic(root, split, image_mode=self._mode(), val_fraction=self.val_fraction,
+                                   seed=self.seed, colors=self.colors)
+            except DataError as e:
+                self._once(Problem.of(e))
+                continue
+            for note in getattr(ds, "notes", ()):
+                self._once(Problem(str(root), note, None, "note"))
+            pairs = getattr(ds, "pairs", None)
+            for i in range(len(ds)):
+                key = str(pairs[i].image) if pairs is not None else f"{split}:{i}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                if pairs is not None:
+                    self.image(pairs[i].image)  # conversion notes as warnings, read once
+                try:
+                    ds.load(i)
+                except DataError as e:
+                    self._once(Problem.of(e))
+
+    def _splits_to_open(self, root: Path, layout: str, splits: list[str]) -> list[str]:
+        """Every split of the layout, and ``train`` / ``val`` (what training opens) always."""
+        return list(dict.fromkeys(["train", "val", *splits]))
+
+    def _once(self, problem: Problem) -> None:
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+    def check_training_splits(self, root: Path) -> None:
+        """What training opens (``train`` and ``val`` of the VOC layout, the automatic split
+        without ImageSets): a split it cannot open is an error here too."""
+        from pixelwise.data.formats.detect import open_semantic
+
+        for split in ("train", "val"):
+            try:
+                open_semantic(root, split, image_mode=self._mode(), val_fraction=self.val_fraction, seed=self.seed,
+                              colors=self.colors)
+            except DataError as e:
+                self._once(Problem.of(e))
+
     # -- COCO instances --------------------------------------------------------------------
 
     def check_coco(self, path: Path) -> None:
         from pixelwise.data.formats.coco import BACKGROUND_NAMES, find_coco_image, segmentation_problem
+
+        from pixelwise.data.formats.coco import coco_field_problems
 
         doc = _load_json(path)
         for key in ("images", "annotations", "categories"):
             if not isinstance(doc.get(key), list):
                 raise DataError(path, f"not a COCO instance file: no '{key}' list",
                                 "a COCO instance JSON has 'images', 'annotations' and 'categories' lists")
+        doc = self._field_problems(doc, coco_field_problems(doc, path))
         split = _split_of(path, "instances_")
         root = path.parent.parent if path.parent.name == "annotations" else path.parent
         if not doc["images"]:
@@ -305,7 +413,10 @@ class DatasetCheck:
             _annotations, _fmt_ids, _json_category_table, _read_id_png, _Segments, _unknown_ids,
         )
 
+        from pixelwise.data.formats.coco_panoptic import panoptic_field_problems
+
         doc = _load_json(path)
+        doc = self._field_problems(doc, panoptic_field_problems(doc, path))
         split = _split_of(path, "panoptic_")
         root = path.parent.parent if path.parent.name == "annotations" else path.parent
         table = _json_category_table(doc, path, "a COCO panoptic JSON lists the categories with id and isthing")
