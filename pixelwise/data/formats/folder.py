@@ -370,6 +370,11 @@ def resolve_codec(root: Path, mask_files: Sequence[Path], table: tuple[list[Clas
         what = f"the class table {file.name}"
         if scan.rgb_files:
             return classes, MaskCodec("rgb", len(classes), ignore, colors=[c.color for c in classes], table=what)
+        if scan.values and scan.values <= {0, ignore} and ignore in scan.values and len(classes) > 1:
+            raise DataError(scan.first_index or root, f"masks look binary 0/{ignore}: under {what} {ignore} is "
+                            "ignore, so only class 0 would be learned",
+                            f"remove {file.name} to read them as background/foreground, or store the foreground "
+                            "as 1 (`pixelwise data convert`)")
         return classes, MaskCodec("index", len(classes), ignore, table=what)
     if scan.rgb_files:
         raise DataError(scan.first_rgb or root, "masks are RGB colour images and there is no colour table",
@@ -605,12 +610,13 @@ def open_folder(root: Path, split: str, *, transforms=None, image_mode: str = "R
 
 
 def print_notes(ds: Any, seen: set[str] | None = None) -> None:
-    """Print a dataset's notes (guessed encodings) to stderr, each once per process."""
+    """Print a dataset's notes (guessed encodings) to stderr, each once per dataset folder and process."""
     seen = _printed if seen is None else seen
     for note in getattr(ds, "notes", ()):
-        if note not in seen:
-            seen.add(note)
-            print(f"note: {ds.root}: {note}", file=sys.stderr)
+        line = f"note: {ds.root}: {note}"
+        if line not in seen:
+            seen.add(line)
+            print(line, file=sys.stderr)
 
 
 _printed: set[str] = set()
