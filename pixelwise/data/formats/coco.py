@@ -274,6 +274,15 @@ def is_int(value: Any) -> bool:
 ID_FIX = "COCO ids are plain integers: write 3, not \"3\" or [3]"
 
 
+def unwrap_id(value: Any) -> int | None:
+    """The integer a malformed id stands for (``[3]`` or ``"3"`` -> 3), else None."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value if is_int(value) else None
+
+
 def crowd_problem(value: Any) -> str | None:
     """What is wrong with an ``iscrowd`` value (0, 1, false or true), or None."""
     if value is None or value in (0, 1) and isinstance(value, (int, bool)):
@@ -338,6 +347,9 @@ def coco_field_problems(doc: dict[str, Any], path: str | os.PathLike
             continue
         by_image[("images", k)] = [e]  # a sample of its own, which fails to load
         flagged.add(("images", k))
+        alias = unwrap_id(im.get("id")) if isinstance(im, dict) else None
+        if alias is not None:
+            flagged.add(("image_alias", alias))
     for k, a in enumerate(_list(doc, "annotations")):
         if not isinstance(a, dict):
             general.append(DataError(path, f"annotations[{k}] is not an object: {a!r}"[:200]))
@@ -350,6 +362,9 @@ def coco_field_problems(doc: dict[str, Any], path: str | os.PathLike
             match = int(iid) if isinstance(iid, str) and iid.strip().isdigit() else None
             (by_image.setdefault(match, []) if match in image_ids else general).append(e)
             flagged.add(("annotations", k))
+            continue
+        if iid not in image_ids and ("image_alias", iid) in flagged:
+            flagged.add(("annotations", k))  # an annotation of a malformed image entry: that image reports it
             continue
         problems = []
         for key in ("id", "category_id"):

@@ -376,7 +376,7 @@ def panoptic_field_problems(doc: dict[str, Any], path: str | os.PathLike
     not a list, segments without an integer ``id`` or ``category_id``, ``iscrowd`` other
     than 0/1. Same return value as :func:`pixelwise.data.formats.coco.coco_field_problems`
     (``by_image`` keys: image ids, or ``("images", k)`` for a malformed image entry)."""
-    from pixelwise.data.formats.coco import ID_FIX, crowd_problem, is_int
+    from pixelwise.data.formats.coco import ID_FIX, crowd_problem, is_int, unwrap_id
 
     general: list[DataError] = []
     by_image: dict[Any, list[DataError]] = {}
@@ -391,6 +391,9 @@ def panoptic_field_problems(doc: dict[str, Any], path: str | os.PathLike
                 f"images[{k}]: needs an integer 'id' and a string 'file_name', got {im!r}"[:200])
         by_image[("images", k)] = [DataError(path, what, ID_FIX)]
         flagged.add(("images", k))
+        alias = unwrap_id(im.get("id")) if isinstance(im, Mapping) else None
+        if alias is not None:
+            flagged.add(("image_alias", alias))
     for k, a in enumerate(_list(doc, "annotations")):
         if not isinstance(a, Mapping):
             general.append(DataError(path, f"annotations[{k}] is not an object: {a!r}"[:200]))
@@ -399,6 +402,9 @@ def panoptic_field_problems(doc: dict[str, Any], path: str | os.PathLike
         iid = a.get("image_id")
         where = f"annotations[{k}] (image_id {iid!r})"
         problem = None
+        if is_int(iid) and iid not in image_ids and ("image_alias", iid) in flagged:
+            flagged.add(("annotations", k))  # the annotation of a malformed image entry: that image reports it
+            continue
         if not is_int(iid):
             problem = f"field 'image_id' must be an integer, got {iid!r}"
             iid = int(iid) if isinstance(iid, str) and iid.strip().isdigit() else None

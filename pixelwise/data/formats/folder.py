@@ -302,6 +302,7 @@ class _Scan:
     index_files: int = 0
     first_rgb: Path | None = None
     first_index: Path | None = None
+    per_file: dict[Path, frozenset[int]] = field(default_factory=dict)
 
 
 _scan_cache: dict[tuple, _Scan] = {}
@@ -335,7 +336,9 @@ def _scan(files: Sequence[Path]) -> _Scan:
         else:
             scan.index_files += 1
             scan.first_index = scan.first_index or path
-            scan.values.update(int(v) for v in np.unique(raw))
+            values = frozenset(int(v) for v in np.unique(raw))
+            scan.values.update(values)
+            scan.per_file[path] = values
     if len(_scan_cache) > 64:
         _scan_cache.clear()
     _scan_cache[key] = scan
@@ -388,6 +391,15 @@ def resolve_codec(root: Path, mask_files: Sequence[Path], table: tuple[list[Clas
     if values and set(values) <= {0, 1} and 1 in values:
         note = "masks are binary 0/1: read as classes background (0) and foreground (1)"
         return _binary_classes(), MaskCodec("index", 2, IGNORE_INDEX, note=note, table="binary masks (0/1)")
+    for low in (255, 1):  # binary masks but for a few files: those files are wrong, not the table
+        odd = {p: v - {0, low} for p, v in scan.per_file.items() if not v <= {0, low}}
+        binary = sum(1 for v in scan.per_file.values() if v <= {0, low} and low in v)
+        if odd and binary > len(scan.per_file) / 2:
+            path, extra = next(iter(odd.items()))
+            raise DataError(path, f"mask values {_fmt(sorted(extra))} are not explained by binary masks (0/{low}) "
+                            f"like {binary} of the {len(scan.per_file)} masks" + (f" (and {len(odd) - 1} more masks)"
+                                                                                 if len(odd) > 1 else ""),
+                            f"make every mask 0/{low}, or name the classes in classes.txt")
     if default_classes is not None:
         return list(default_classes), MaskCodec("index", len(default_classes), IGNORE_INDEX,
                                                 table="the default VOC classes (no classes.json)")
