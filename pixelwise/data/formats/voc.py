@@ -204,8 +204,8 @@ class VOCSegmentation(SampleDataset):
         if not split_file.is_file():
             available = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
             fix = (f"available splits: {', '.join(available)}" if available
-                   else "this dataset has no ImageSets/Segmentation: use split 'all', or 'train'/'val' for the "
-                        "automatic split")
+                   else "this dataset has no ImageSets/Segmentation: use split='all', or open it with "
+                        "pixelwise.data.formats.detect.open_semantic (as train does) for the automatic train/val split")
             if available and "all" not in available:
                 fix += ", or 'all' for every labelled image"
             raise DataError(split_file, f"split file for split {split!r} not found", fix)
