@@ -82,6 +82,12 @@ def split_folders(root: Path) -> Path:
     return root
 
 
+def histolytics_instances(n: int = 4, crop: int = CROP) -> list[np.ndarray]:
+    """The nucleus instance ids of the crops of :func:`histolytics_crops` (0 = none)."""
+    inst = np.load(_package("histolytics") / "hgsc_nest_inst_mask.npz")["nuc_raster"].astype(np.int64)
+    return [inst[300 + (k // 2) * crop * 3:][:crop, 300 + (k % 2) * crop * 3:][:, :crop] for k in range(n)]
+
+
 HIST_COLORS = {"background": (0, 0, 0), "connective": (0, 200, 0), "inflammatory": (255, 255, 0),
                "neoplastic": (200, 0, 0)}
 
@@ -99,7 +105,11 @@ def cvat_export(root: Path) -> Path:
         names.append(name)
         Image.fromarray(image).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
         Image.fromarray(colors[types]).save(root / "SegmentationClass" / f"{name}.png")
-        Image.fromarray(colors[(types > 0).astype(int)]).save(root / "SegmentationObject" / f"{name}.png")
+        inst = histolytics_instances(4)[k]
+        ids, inverse = np.unique(inst, return_inverse=True)
+        palette = np.random.default_rng(k).integers(1, 255, (len(ids), 3)).astype(np.uint8)  # one colour a nucleus
+        palette[ids == 0] = 0
+        Image.fromarray(palette[inverse.reshape(inst.shape)]).save(root / "SegmentationObject" / f"{name}.png")
     (root / "ImageSets" / "Segmentation" / "default.txt").write_text("\n".join(names) + "\n")
     return root
 

@@ -195,8 +195,12 @@ def test_cvat_export(tmp_path: Path) -> None:
     assert sorted(train.ids + val.ids) == [f"frame_{k:06d}" for k in range(4)] and len(val) == 1
     truth = {f"frame_{k:06d}": t for k, (_, t) in enumerate(L.histolytics_crops(4))}
     assert all(np.array_equal(m, truth[i]) for i, m in {**_by_id(train), **_by_id(val)}.items())
-    inst = open_semantic(root, "val", with_instances=True).load(0)["instance_map"].numpy()
-    assert set(np.unique(inst)) <= {0, 1}
+    val_inst = open_semantic(root, "val", with_instances=True).load(0)
+    inst = val_inst["instance_map"].numpy()
+    real = L.histolytics_instances(4)[int(val_inst["meta"]["id"][-1])]
+    # one id per nucleus (colour order, not the original ids): the same partition of the pixels
+    pairs = set(zip(inst.ravel().tolist(), real.ravel().tolist()))
+    assert len(pairs) == len(np.unique(inst)) == len(np.unique(real)) and (inst[real == 0] == 0).all()
 
 
 # ---------------------------------------------------------------------------------------
