@@ -298,3 +298,13 @@ def test_disk_full_is_one_line_and_replaces_nothing(tmp_path: Path, monkeypatch:
     assert err == [f"error: no space left on device while writing {tmp_path / 'out'}; nothing was replaced"]
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     assert _tree_digest(src) == before
+
+
+def test_check_cli_takes_the_colour_table(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = L.cvat_export(tmp_path / "cvat")
+    (root / "labelmap.txt").rename(tmp_path / "labelmap.txt")  # now a VOC layout with RGB masks and no table
+    assert main(["data", "check", str(root)]) == 1
+    assert "masks are RGB colour images and there is no colour table" in capsys.readouterr().out
+    assert main(["data", "check", str(root), "--colors", str(tmp_path / "labelmap.txt")]) == 0
+    assert "0 errors" in capsys.readouterr().out
+    assert train_verdict(root, "semantic") is not None  # training without the table refuses too

@@ -196,6 +196,7 @@ class DatasetCheck:
             CLASS_DIRS, IMAGE_DIR, OBJECT_DIRS, SPLIT_DIR, _index_images, _label_dir, find_voc_classes,
             label_map_problem,
         )
+        from pixelwise.data.formats.folder import _read_instances
         from pixelwise.data.io import read_label
 
         num_classes: int | None
@@ -241,6 +242,7 @@ class DatasetCheck:
                 if not (label_dir / f"{sid}.png").is_file():
                     self.error(label_dir / f"{sid}.png", f"label file for id {sid!r} of split {sf.stem!r} not found")
 
+        codec = self._voc_codec(root, label_dir)
         for sid in ids:
             hw = self.image(images[sid]) if sid in images else None
             for folder, n in ((label_dir, num_classes), (object_dir, None)):
@@ -248,7 +250,15 @@ class DatasetCheck:
                 if path is None or not path.is_file():
                     continue
                 try:
-                    label = read_label(path)
+                    if folder is object_dir:
+                        label = _read_instances(path)
+                    elif codec is not None and (codec.kind == "rgb" or codec.lut is not None):
+                        label = codec.decode(path)  # as training decodes it (binary 0/255, colours, ...)
+                        n = None  # the codec checked the values
+                    else:  # ids as stored (or an encoding that could not be resolved: reported once)
+                        label = read_label(path)
+                        if codec is not None:
+                            n, ignore = codec.num_classes, codec.ignore_index
                 except DataError as e:
                     self.problems.append(Problem.of(e))
                     continue
@@ -259,6 +269,22 @@ class DatasetCheck:
                 problem = label_map_problem(label, path, hw, n, ignore)
                 if problem is not None:
                     self.problems.append(Problem.of(problem))
+
+    def _voc_codec(self, root: Path, label_dir: Path):
+        """The mask encoding training resolves for this VOC folder (None, with the problem
+        recorded, when it cannot be resolved)."""
+        from pixelwise.data.classes import VOC_CLASSES
+        from pixelwise.data.formats.detect import VOC_TABLES
+        from pixelwise.data.formats.folder import check_ignore_share, find_class_table, resolve_codec
+
+        masks = sorted(label_dir.glob("*.png"))
+        try:
+            _, codec = resolve_codec(root, masks, find_class_table(root, self.colors, VOC_TABLES), VOC_CLASSES)
+            check_ignore_share(root, masks, codec)
+        except DataError as e:
+            self._once(Problem.of(e))
+            return None
+        return codec
 
     def _field_problems(self, doc: dict, found: tuple) -> dict:
         """Record the malformed-field problems of a COCO JSON; the document without the

@@ -348,8 +348,8 @@ def read_label(path: str | Path) -> np.ndarray:
             path,
             f"label map is a {img.mode} colour image but a palette/index PNG is expected "
             "(pixel value = class id)",
-            "convert it: ids = pixelwise.data.io.colors_to_label(read_image(path), [c.color for c in classes]), "
-            "then pixelwise.data.io.write_label_png(path, ids, classes)",
+            "pass the colour table: --colors FILE (JSON {\"name\": [r, g, b]} or CVAT labelmap.txt), or convert once: "
+            "pixelwise data convert DIR --to voc --colors FILE (in Python: pixelwise.data.io.colors_to_label)",
         )
     if img.mode in ("PA", "LA"):
         img = img.getchannel(0)

@@ -26,6 +26,8 @@ from pixelwise.errors import DataError
 
 __all__ = ["LAYOUTS", "detect_layout", "open_semantic", "layout_splits"]
 
+VOC_TABLES = ("classes.json", "class_names.txt", "classes.txt", "labelmap.txt")
+"""Class tables a VOC-layout folder may hold, in order of precedence."""
 LAYOUTS = ("cityscapes", "cvat", "voc", "ade20k", "folder", "folder-splits")
 
 
@@ -75,7 +77,7 @@ def layout_splits(root: str | os.PathLike, layout: str | None = None) -> list[st
         return [s for s, d in (("train", "training"), ("val", "validation")) if (root / "images" / d).is_dir()]
     sets = root / "ImageSets" / "Segmentation"
     named = sorted(p.stem for p in sets.glob("*.txt")) if sets.is_dir() else []
-    if layout == "voc" and named:
+    if layout == "voc" and ("train" in named or "val" in named):
         return named
     return ["train", "val"]
 
@@ -129,6 +131,14 @@ def open_semantic(root: str | os.PathLike, split: str, transforms: Any = None, i
     return open_folder(root, split, val_fraction=val_fraction, seed=seed, colors=colors, **common)
 
 
+def _split_ids(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot read split file: {e}") from None
+    return [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+
+
 def _open_voc(root: Path, split: str, with_instances: bool, val_fraction: float, seed: int,
               colors: str | os.PathLike | None, transforms: Any, image_mode: str) -> Any:
     """VOC / labelme: VOCSegmentation when its masks are class ids of its class table, else
@@ -142,11 +152,15 @@ def _open_voc(root: Path, split: str, with_instances: bool, val_fraction: float,
     label_dir = _label_dir(root, CLASS_DIRS)
     split_files = sorted((root / SPLIT_DIR).glob("*.txt")) if (root / SPLIT_DIR).is_dir() else []
     ids = None
-    if not split_files and label_dir is not None and split != "all":
-        ids = auto_split([p.stem for p in label_dir.glob("*.png")], split, val_fraction, seed)
+    names = {p.stem: p for p in split_files}
+    if label_dir is not None and split in ("train", "val") and "train" not in names and "val" not in names:
+        # no train/val files: the seeded split of the one list there is (CVAT's default.txt), or of every label
+        listed = next((names[n] for n in ("default", "trainval", "all") if n in names), None)
+        every = _split_ids(listed) if listed is not None else [p.stem for p in label_dir.glob("*.png")]
+        ids = auto_split(every, split, val_fraction, seed)
     voc = VOCSegmentation(root, split, transforms, with_instances=with_instances, image_mode=image_mode, ids=ids)
     masks = sorted(voc.label_dir.glob("*.png"))
-    table = find_class_table(root, colors, names=("classes.json", "class_names.txt", "classes.txt", "labelmap.txt"))
+    table = find_class_table(root, colors, names=VOC_TABLES)
     classes, codec = resolve_codec(root, masks, table, default_classes=VOC_CLASSES)
     check_ignore_share(root, masks, codec)
     if codec.kind == "index" and codec.lut is None and codec.note is None and colors is None and (

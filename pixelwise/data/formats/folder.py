@@ -65,7 +65,7 @@ Color = tuple[int, int, int]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MASK_EXTENSIONS = (".png", ".tif", ".tiff")
 MASK_SUFFIXES = ("", "_mask", "_masks", "_label", "_labels", "_gt", "-mask", "_seg")
-SCAN_LIMIT = 1000  # masks read to decide the encoding; every loaded mask is still checked in full
+SCAN_LIMIT = 300  # masks read (spread over the dataset) to decide the encoding; every loaded mask is checked in full
 MAX_IGNORE_SHARE = 0.5
 
 
@@ -428,6 +428,25 @@ def _binary_classes() -> list[ClassInfo]:
 def check_ignore_share(root: Path, mask_files: Sequence[Path], codec: MaskCodec) -> None:
     """DataError when more than half of the (sampled) mask pixels are ignore: the masks are
     almost surely misread, e.g. binary 0/255 masks under a table that calls 255 ignore."""
+    key = (tuple((str(p), _mtime(p)) for p in mask_files), codec.kind, codec.ignore_index, codec.num_classes,
+           tuple(sorted(codec.lut.items())) if codec.lut else None, tuple(codec.colors))
+    if key in _share_cache:
+        problem = _share_cache[key]
+        if problem is not None:
+            raise problem
+        return
+    try:
+        _check_ignore_share(root, mask_files, codec)
+    except DataError as e:
+        _share_cache[key] = e
+        raise
+    _share_cache[key] = None
+
+
+_share_cache: dict[tuple, DataError | None] = {}
+
+
+def _check_ignore_share(root: Path, mask_files: Sequence[Path], codec: MaskCodec) -> None:
     total = ignored = 0
     first_ignored: Path | None = None
     for path in _sample(mask_files, 200):
