@@ -260,3 +260,23 @@ def test_pairing_by_stem_and_its_errors(tmp_path: Path) -> None:
     shutil.copy(root / "masks" / "sd1.png", root / "masks" / "lonely.png")
     with pytest.raises(DataError, match=r"lonely.png: mask without image"):
         open_semantic(root, "train")
+
+
+def test_ade20k_class_names_from_object_info(tmp_path: Path) -> None:
+    root = L.ade20k_tree(tmp_path / "ade")
+    rows = ["Idx,Ratio,Train,Val,Name"] + [f"{k},0.1,1,1,name{k};alias" for k in range(1, 151)]
+    (root / "objectInfo150.csv").write_text("\n".join(rows) + "\n")
+    names = [c.name for c in open_semantic(root, "train").classes]
+    assert names[0] == "name1" and names[149] == "name150" and len(names) == 150
+
+
+LABELME_VOC = Path("/usr/share/doc/labelme-examples/examples/semantic_segmentation/data_dataset_voc")
+
+
+@pytest.mark.skipif(not LABELME_VOC.is_dir(), reason="apt-get install labelme-examples")
+def test_real_labelme_voc_export_without_imagesets_trains_on_the_automatic_split() -> None:
+    train, val = open_dataset(LABELME_VOC, "train", quiet=True), open_dataset(LABELME_VOC, "val", quiet=True)
+    every = sorted(p.stem for p in (LABELME_VOC / "SegmentationClassPNG").glob("*.png"))
+    assert sorted(train.ids + val.ids) == every and len(val) == 1 and isinstance(train, VOCSegmentation)
+    assert train.class_names[0] == "background" and len(train.classes) > 2  # its class_names.txt
+    assert train.load(0)["semantic"].shape == train.load(0)["image"].shape[1:]

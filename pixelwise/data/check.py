@@ -4,19 +4,29 @@ The formats present are detected and each is checked in full (a ``pixelwise data
 folder holds all three):
 
 - **VOC layout** (:mod:`pixelwise.data.formats.voc`): split files (missing ids, empty
-  splits), every image (missing, unreadable, truncated), every label map (unreadable, an
-  RGB colour mask or a JPEG where a palette/index PNG is expected, size different from the
-  image, values that are no class id), instance maps (size);
+  splits, a ``train`` or ``val`` split training could not open), every image (missing,
+  unreadable, truncated), every label map decoded as training decodes it (unreadable, an RGB
+  colour mask without a colour table, a JPEG, size different from the image, values that are
+  no class id), the mask encoding (binary 0/255 said as a note; more than half ignore, binary
+  masks under a table that calls 255 ignore: errors), instance maps (size);
+- **the other semantic layouts** (``images/`` + ``masks/``, ``SPLIT/{images,masks}``, CVAT,
+  Cityscapes, ADE20K; :mod:`pixelwise.data.formats.detect`): every split opened and every
+  sample loaded through :func:`~pixelwise.data.formats.detect.open_semantic`, the code path
+  training uses, so ``data check`` and ``train`` accept and refuse the same datasets;
 - **COCO instances** (``annotations/instances_*.json`` or a JSON given directly,
   :mod:`pixelwise.data.formats.coco`): the JSON itself, images it references that are
   missing or unreadable or of another size than it says, annotations of unknown images or
   unknown categories, polygons with points outside the image, RLE of the wrong size,
-  empty splits;
+  empty splits, a folder without a ``train`` split, malformed fields (ids that are lists or
+  strings, ``iscrowd`` other than 0/1, an RLE ``counts`` that is a number: one line naming
+  the file, the entry and the field, :func:`~pixelwise.data.formats.coco.coco_field_problems`);
 - **COCO panoptic** (``annotations/panoptic_*.json`` + PNG folder,
   :mod:`pixelwise.data.formats.coco_panoptic`): the JSON and categories, every PNG
   (missing, unreadable, not RGB, size), ids in a PNG without a ``segments_info`` entry
   and entries without pixels (the checks of :func:`pixelwise.metrics.panoptic.pq_compute`),
-  unknown categories, duplicate segment ids, images without annotation and vice versa.
+  unknown categories, duplicate segment ids, images without annotation and vice versa,
+  malformed fields (segments without ``category_id``, string ids,
+  :func:`~pixelwise.data.formats.coco_panoptic.panoptic_field_problems`).
 
 Images that are accepted but converted (16-bit, with alpha, grayscale, CMYK, ...) are
 reported as warnings: training reads them (:func:`pixelwise.data.io.read_image_info`).
