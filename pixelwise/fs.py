@@ -7,6 +7,7 @@ old file (or nothing) in place.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -16,7 +17,20 @@ from typing import IO, Literal
 
 from pixelwise.errors import DataError
 
-__all__ = ["atomic_directory", "atomic_open", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["DiskFullError", "atomic_directory", "atomic_open", "atomic_write_bytes", "atomic_write_text"]
+
+
+class DiskFullError(DataError):
+    """The disk (or quota) filled up while writing ``path``; the temporary file is gone and the
+    previous file, if any, is untouched. One line: "no space left on device while writing FILE;
+    nothing was replaced"."""
+
+    def __init__(self, path: object):
+        super().__init__(path, "no space left on device", "free some space and run again")
+        Exception.__init__(self, f"no space left on device while writing {self.path}; nothing was replaced")
+
+
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 @contextlib.contextmanager
@@ -26,7 +40,8 @@ def atomic_open(path: str | Path, mode: Literal["wb", "w"] = "wb", *, fsync: boo
 
     The temporary file is ``.<name>.<random>.tmp`` in the same folder (same file system, so
     the final ``os.replace`` is atomic) and is removed if the block raises. The file gets the
-    usual permissions (0o666 minus the umask). ``fsync=True`` flushes it to disk before the
+    usual permissions (0o666 minus the umask). A full disk raises :class:`DiskFullError`
+    (one line, the old file kept). ``fsync=True`` flushes it to disk before the
     rename, so a crash cannot leave an empty file under the final name.
 
     Example::
@@ -52,9 +67,11 @@ def atomic_open(path: str | Path, mode: Literal["wb", "w"] = "wb", *, fsync: boo
             if fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno in _DISK_FULL:
+            raise DiskFullError(path) from None
         raise
 
 
@@ -104,7 +121,9 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
             if old.exists():
                 os.replace(old, path)
             raise
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskFullError) or (isinstance(e, OSError) and e.errno in _DISK_FULL):
+            raise DiskFullError(path) from None
         raise
     shutil.rmtree(old, ignore_errors=True)

@@ -22,9 +22,12 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pixelwise.data.classes import ClassInfo, palette_bytes
 from pixelwise.errors import DataError
-from pixelwise.fs import atomic_directory, atomic_open, atomic_write_bytes, atomic_write_text  # noqa: F401
+from pixelwise.fs import (  # noqa: F401  (re-exported)
+    DiskFullError, atomic_directory, atomic_open, atomic_write_bytes, atomic_write_text,
+)
 
 __all__ = [
+    "DiskFullError",
     "atomic_directory",
     "atomic_open",
     "atomic_write_bytes",
@@ -229,8 +232,8 @@ def read_label(path: str | Path) -> np.ndarray:
             path,
             f"label map is a {img.mode} colour image but a palette/index PNG is expected "
             "(pixel value = class id)",
-            "convert it: ids = pixelwise.data.io.colors_to_label(read_image(path), [c.color for c in classes]), "
-            "then pixelwise.data.io.write_label_png(path, ids, classes)",
+            "pass the colour table: --colors FILE (JSON {\"name\": [r, g, b]} or CVAT labelmap.txt), or convert once: "
+            "pixelwise data convert DIR --to voc --colors FILE (in Python: pixelwise.data.io.colors_to_label)",
         )
     if img.mode in ("PA", "LA"):
         img = img.getchannel(0)

@@ -100,7 +100,8 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
         model = optimize(model, inplace=True)
     norm = ckpt["normalization"]
     ds = task.open(str(data), split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]),
-                   norm.get("image_mode", "RGB"), with_instances=instance_f1)
+                   norm.get("image_mode", "RGB"), with_instances=instance_f1,
+                   **task.data_options(ckpt.get("config") or {}))
     ds = apply_skip_bad(ds, skip_bad_samples, split, data)
     task.check_data(ds, ckpt, data)
     options = {k: v for k, v in {"tile": tile, "overlap": overlap, "flip": flip, "scales": scales,

@@ -149,7 +149,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     report_to = out / "skipped_samples.json" if main else None  # bad samples left out, listed per split
 
     def opened(split: str, transforms: Any, **options: Any) -> Any:
-        ds = task.open(cfg.data, split, transforms, cfg.image_mode, **options)
+        ds = task.open(cfg.data, split, transforms, cfg.image_mode, quiet=not main, **options,
+                       **task.data_options(cfg.to_dict()))
         return apply_skip_bad(ds, cfg.skip_bad_samples, split, cfg.data, report_to, quiet=not main)
 
     train_base = opened(cfg.train_split, None, **task.open_training(cfg))

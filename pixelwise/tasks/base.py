@@ -38,7 +38,7 @@ COMMON_CONFIG_KEYS = frozenset({
     "momentum", "weight_decay", "poly_power", "warmup_steps", "crop_size", "scale_min", "scale_max", "flip",
     "repeat", "image_mode", "mean", "std", "num_workers", "seed", "time_limit", "eval_every", "device", "threads",
     "resume", "checkpoint_every", "keep_last", "deterministic", "amp", "skip_bad_samples", "tensorboard",
-    "progress", "grad_clip", "val_fraction", "colors", "overwrite",
+    "progress", "grad_clip", "overwrite",
 })
 
 
@@ -177,6 +177,10 @@ class Task:
     # -- data ---------------------------------------------------------------------------
     def open(self, data: str, split: str, transforms: Any = None, image_mode: str = "RGB", **options: Any) -> Any:
         raise NotImplementedError
+
+    def data_options(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Options of :meth:`open` that a run's config fixes (the same split when evaluating)."""
+        return {}
 
     def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]] | None:
         """The DataLoader's collate function (None: the default padding collate)."""

@@ -51,18 +51,25 @@ __all__ = ["SemanticTask", "SemanticEvaluator", "SemanticResult", "open_dataset"
 
 def open_dataset(root: str | os.PathLike, split: str, transforms=None, image_mode: str = "RGB",
                  with_instances: bool = False, skip_bad: bool = False,
-                 report_to: str | os.PathLike | None = None, quiet: bool = False) -> Dataset:
-    """Open a semantic dataset on disk. Today: the VOC layout (ours, PASCAL VOC, labelme).
-    ``with_instances`` also loads the instance maps (``instance_map``). ``skip_bad``: leave
-    out the samples whose files raise a DataError, print a warning line (unless ``quiet``)
-    and, with ``report_to``, record them in that JSON file."""
-    from pixelwise.data.formats.voc import VOCSegmentation
+                 report_to: str | os.PathLike | None = None, quiet: bool = False, *,
+                 val_fraction: float = 0.2, seed: int = 0, colors: str | os.PathLike | None = None) -> Dataset:
+    """Open a semantic dataset on disk in any layout :func:`pixelwise.data.formats.detect.open_semantic`
+    knows (images/ + masks/, train/ + val/ folders, VOC, labelme, CVAT, Cityscapes, ADE20K).
+    ``with_instances`` also loads the instance maps (``instance_map``). ``val_fraction`` and
+    ``seed`` give the automatic train/val split of layouts without one; ``colors`` is the
+    colour table of RGB masks. Guessed encodings are said in one line on stderr (unless
+    ``quiet``). ``skip_bad``: leave out the samples whose files raise a DataError, print a
+    warning line (unless ``quiet``) and, with ``report_to``, record them in that JSON file."""
+    from pixelwise.data.formats.detect import open_semantic
+    from pixelwise.data.formats.folder import print_notes
 
     root = Path(root)
     if not root.is_dir():
         raise DataError(root, "dataset folder not found", "create one with `pixelwise data synth --out DIR`")
-    ds = VOCSegmentation(root, split=split, transforms=transforms, image_mode=image_mode,
-                         with_instances=with_instances)
+    ds = open_semantic(root, split, transforms, image_mode=image_mode, with_instances=with_instances,
+                       val_fraction=val_fraction, seed=seed, colors=colors)
+    if not quiet:
+        print_notes(ds)
     return apply_skip_bad(ds, skip_bad, split, root, report_to, quiet=quiet)
 
 
@@ -81,7 +88,8 @@ def class_weights(cfg: Any, num_classes: int) -> list[float] | None:
     if cfg.class_weights in ("median_frequency", "median_freq"):
         from pixelwise.data.stats import dataset_class_stats
 
-        raw = open_dataset(cfg.data, cfg.train_split, None, cfg.image_mode, skip_bad=cfg.skip_bad_samples, quiet=True)
+        raw = open_dataset(cfg.data, cfg.train_split, None, cfg.image_mode, skip_bad=cfg.skip_bad_samples, quiet=True,
+                           **SemanticTask().data_options(cfg.to_dict()))
         return [float(w) for w in dataset_class_stats(raw, num_classes)["median_frequency_weights"]]
     if isinstance(cfg.class_weights, (list, tuple)) and len(cfg.class_weights) == num_classes:
         return [float(w) for w in cfg.class_weights]
@@ -217,11 +225,17 @@ class SemanticTask(Task):
     supports_optimize: ClassVar[bool] = True
     export_kind: ClassVar[str | None] = "dense"
     config_keys: ClassVar[frozenset[str]] = frozenset({"loss", "class_weights", "aux_weight", "elastic",
-                                                       "weight_map"})
+                                                       "weight_map", "val_fraction", "colors"})
 
     # -- data ---------------------------------------------------------------------------
     def open(self, data: str, split: str, transforms: Any = None, image_mode: str = "RGB", **options: Any) -> Any:
-        return open_dataset(data, split, transforms, image_mode, with_instances=options.get("with_instances", False))
+        keys = ("with_instances", "val_fraction", "colors", "quiet")
+        return open_dataset(data, split, transforms, image_mode, **{k: options[k] for k in keys if k in options})
+
+    def data_options(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The automatic train/val split (``val_fraction``, seed 0: the split does not change
+        with the training seed) and the RGB masks' colour table of a run's config."""
+        return {"val_fraction": float(config.get("val_fraction", 0.2) or 0.2), "colors": config.get("colors")}
 
     def check_data(self, ds: Any, ckpt: dict[str, Any], data: Any) -> None:
         names = [c["name"] for c in ckpt["classes"]]

@@ -720,6 +720,75 @@ def voc_to_coco_panoptic(root: str | os.PathLike, splits: Sequence[str] = ("trai
 # ---------------------------------------------------------------------------------------
 
 
+def _list(doc: Any, key: str) -> list:
+    value = doc.get(key) if isinstance(doc, Mapping) else None
+    return value if isinstance(value, list) else []
+
+
+def panoptic_field_problems(doc: dict[str, Any], path: str | os.PathLike
+                            ) -> tuple[list[DataError], dict[Any, list[DataError]], set[tuple[str, int]]]:
+    """Malformed fields of a COCO panoptic JSON, each a DataError naming the file, the entry
+    and the field: image / annotation ids that are not integers, ``segments_info`` that is
+    not a list, segments without an integer ``id`` or ``category_id``, ``iscrowd`` other
+    than 0/1. Same return value as :func:`pixelwise.data.formats.coco.coco_field_problems`
+    (``by_image`` keys: image ids, or ``("images", k)`` for a malformed image entry)."""
+    from pixelwise.data.formats.coco import ID_FIX, crowd_problem, is_int, unwrap_id
+
+    general: list[DataError] = []
+    by_image: dict[Any, list[DataError]] = {}
+    flagged: set[tuple[str, int]] = set()
+    image_ids: set[int] = set()
+    for k, im in enumerate(_list(doc, "images")):
+        if isinstance(im, Mapping) and is_int(im.get("id")) and isinstance(im.get("file_name"), str):
+            image_ids.add(im["id"])
+            continue
+        what = (f"images[{k}] ({im.get('file_name')!r}): field 'id' must be an integer, got {im.get('id')!r}"
+                if isinstance(im, Mapping) and not is_int(im.get("id")) else
+                f"images[{k}]: needs an integer 'id' and a string 'file_name', got {im!r}"[:200])
+        by_image[("images", k)] = [DataError(path, what, ID_FIX)]
+        flagged.add(("images", k))
+        alias = unwrap_id(im.get("id")) if isinstance(im, Mapping) else None
+        if alias is not None:
+            flagged.add(("image_alias", alias))
+    for k, a in enumerate(_list(doc, "annotations")):
+        if not isinstance(a, Mapping):
+            general.append(DataError(path, f"annotations[{k}] is not an object: {a!r}"[:200]))
+            flagged.add(("annotations", k))
+            continue
+        iid = a.get("image_id")
+        where = f"annotations[{k}] (image_id {iid!r})"
+        problem = None
+        if is_int(iid) and iid not in image_ids and ("image_alias", iid) in flagged:
+            flagged.add(("annotations", k))  # the annotation of a malformed image entry: that image reports it
+            continue
+        if not is_int(iid):
+            problem = f"field 'image_id' must be an integer, got {iid!r}"
+            iid = int(iid) if isinstance(iid, str) and iid.strip().isdigit() else None
+        elif not isinstance(a.get("segments_info"), list):
+            problem = f"field 'segments_info' must be a list of segments, got {a.get('segments_info')!r}"[:200]
+        else:
+            for j, seg in enumerate(a["segments_info"]):
+                if not isinstance(seg, Mapping):
+                    problem = f"segments_info[{j}] is not an object: {seg!r}"[:200]
+                    break
+                for key in ("id", "category_id"):
+                    if key not in seg:
+                        problem = f"segments_info[{j}] (id {seg.get('id')!r}) has no field '{key}'"
+                    elif not is_int(seg[key]):
+                        problem = f"segments_info[{j}]: field '{key}' must be an integer, got {seg[key]!r}"
+                    if problem:
+                        break
+                if not problem and crowd_problem(seg.get("iscrowd")):
+                    problem = f"segments_info[{j}] (id {seg['id']}): {crowd_problem(seg.get('iscrowd'))}"
+                if problem:
+                    break
+        if problem:
+            e = DataError(path, f"{where}: {problem}", ID_FIX if "integer" in problem else "fix the segment")
+            (by_image.setdefault(iid, []) if iid in image_ids else general).append(e)
+            flagged.add(("annotations", k))
+    return general, by_image, flagged
+
+
 def find_panoptic_annotations(data: str | os.PathLike, split: str = "train") -> tuple[Path, Path, Path]:
     """(panoptic JSON, its PNG folder, image root) of a COCO panoptic dataset given as the
     JSON itself or as a folder with ``annotations/panoptic_{split}.json`` (``pixelwise data
@@ -820,8 +889,13 @@ class CocoPanoptic(SampleDataset):
         self.stuff_ids = [c["id"] for c in cats if not c["isthing"]]
         self._label_of = {cid: i for i, cid in enumerate(self.thing_ids, start=1)}
         self._stuff_of = {cid: j for j, cid in enumerate(self.stuff_ids)}
+        general, self._bad, flagged = panoptic_field_problems(doc, self.annotation_file)
+        if general:
+            raise general[0]
         anns = {}
         for k, a in enumerate(doc["annotations"]):
+            if ("annotations", k) in flagged:
+                continue  # its image raises the problem when loaded
             if not isinstance(a, Mapping) or not all(key in a for key in ("image_id", "file_name", "segments_info")):
                 raise DataError(self.annotation_file,
                                 f"annotation #{k} needs 'image_id', 'file_name' and 'segments_info'")
@@ -830,8 +904,10 @@ class CocoPanoptic(SampleDataset):
                                 "keep one annotation per image")
             anns[a["image_id"]] = a
         self._anns = anns
-        images = sorted(doc["images"], key=lambda im: im["id"])
-        missing = [im["id"] for im in images if im["id"] not in anns]
+        images = sorted((im for k, im in enumerate(doc["images"]) if ("images", k) not in flagged),
+                        key=lambda im: im["id"])
+        images += [{"id": key, "file_name": str(key)} for key in self._bad if isinstance(key, tuple)]
+        missing = [im["id"] for im in images if im["id"] not in anns and im["id"] not in self._bad]
         if missing:
             raise DataError(self.annotation_file, f"images {missing[:10]} have no annotation (segments_info)",
                             "every image needs an entry in 'annotations'")
@@ -865,6 +941,8 @@ class CocoPanoptic(SampleDataset):
     def load(self, index: int) -> dict[str, Any]:
         """The sample at ``index`` before ``transforms``."""
         info = self.images[index]
+        if info["id"] in self._bad:
+            raise self._bad[info["id"]][0]
         ann = self._anns[info["id"]]
         path = self.image_path(info["file_name"])
         image = read_image(path, self.image_mode)
