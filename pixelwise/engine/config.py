@@ -28,7 +28,7 @@ class TrainConfig:
     out: str = "runs/train"
     train_split: str = "train"
     val_split: str = "val"
-    val_fraction: float = 0.2  # share of the images held out as val where the data has no split (seeded by `seed`)
+    val_fraction: float = 0.2  # share of the images held out as val where the data has no split (a fixed seed: same split every run)
     colors: str | None = None  # colour table of RGB masks: JSON {"name": [r, g, b]} or CVAT labelmap.txt
     epochs: int = 10
     batch_size: int = 8
