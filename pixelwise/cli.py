@@ -44,7 +44,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta-scales", type=_scales, metavar="S1,S2,...",
                    help="average predictions at these scales, e.g. 0.75,1,1.25")
     g.add_argument("--fast", action="store_true", help="optimized inference: conv+BN folding, channels_last, "
-                   "inference mode (pixelwise.inference.optimize); same outputs within 1e-4")
+                   "inference mode (pixelwise.optimize.optimize); same outputs within 1e-4")
 
 
 def _inference_kwargs(a: argparse.Namespace) -> dict[str, Any]:

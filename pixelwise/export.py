@@ -3,7 +3,7 @@
 ``pixelwise export --checkpoint CKPT --format onnx --out model.onnx [--dynamic]``:
 
 * the model is exported in eval mode with BatchNorm folded into the convolutions
-  (:func:`pixelwise.inference.fold_conv_bn`), input ``image`` (N, C, H, W) float32
+  (:func:`pixelwise.optimize.fold_conv_bn`), input ``image`` (N, C, H, W) float32
   (normalised), output ``logits`` (N, K, H, W);
 * ``--dynamic``: N, H and W are free (``unet_original``: any VALID tile size - see its
   ``valid_input_sizes``; the predictor mirror-pads images to one);
@@ -221,7 +221,7 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
 
     import torch
 
-    from pixelwise.inference import _in_channels, fold_conv_bn
+    from pixelwise.optimize import _in_channels, fold_conv_bn
 
     task = _task(getattr(model, "pixelwise_task", "semantic"))
     if task.export_kind == "detection":
@@ -288,7 +288,7 @@ def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size:
 
     import torch
 
-    from pixelwise.inference import fold_conv_bn
+    from pixelwise.optimize import fold_conv_bn
 
     if opset < 16:
         raise ValueError(f"Mask R-CNN export needs opset >= 16 (RoiAlign with half-pixel offset), got {opset}")

@@ -117,7 +117,7 @@ class Predictor:
         self._task.check_eval_options({k: v for k, v in self.inference.items() if v})
         model = model_from_checkpoint(ckpt, checkpoint).eval().to(self.device)
         if fast and self._task.supports_optimize:
-            from pixelwise.inference import optimize
+            from pixelwise.optimize import optimize
 
             model = optimize(model, inplace=True)
         self.model = model

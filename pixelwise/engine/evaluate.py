@@ -86,7 +86,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     Semantic options: ``tile``/``overlap`` (sliding-window inference; ``unet_original``:
     overlap-tile always), ``flip``/``scales`` (test-time augmentation), ``instance_f1`` (also
     score the connected components of at least ``min_size`` pixels against the instance maps),
-    ``fast`` (:func:`pixelwise.inference.optimize`). ``skip_bad_samples``: leave out the
+    ``fast`` (:func:`pixelwise.optimize.optimize`). ``skip_bad_samples``: leave out the
     samples whose files are unusable (a warning line; ``metrics["skipped_samples"]`` lists them).
     """
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
@@ -95,7 +95,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
     dev = resolve_device(device)
     model.to(dev)
     if fast and task.supports_optimize:  # conv+BN folding, channels_last, inference mode; same outputs within 1e-4
-        from pixelwise.inference import optimize
+        from pixelwise.optimize import optimize
 
         model = optimize(model, inplace=True)
     norm = ckpt["normalization"]

@@ -72,7 +72,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
                   skip_existing: bool = False, score_threshold: float = 0.5,
                   gt_json: str | os.PathLike | None = None, ckpt: dict[str, Any] | None = None) -> list[Path]:
     """Write the task's files for every input image (see the module docstring) into ``out``.
-    ``fast``: run :func:`pixelwise.inference.optimize`'s model (same outputs within 1e-4).
+    ``fast``: run :func:`pixelwise.optimize.optimize`'s model (same outputs within 1e-4).
     ``skip_existing``: leave out the images whose outputs all exist (an interrupted run
     resumes where it stopped; every file is written atomically, so a killed run leaves no
     partial file and its last image is redone). ``score_threshold``: the lowest instance
@@ -86,7 +86,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     dev = resolve_device(device)
     model.to(dev)
     if fast and task.supports_optimize:
-        from pixelwise.inference import optimize
+        from pixelwise.optimize import optimize
 
         model = optimize(model, inplace=True)
     mode = ckpt["normalization"].get("image_mode", "RGB")

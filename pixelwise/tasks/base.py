@@ -152,7 +152,7 @@ class Task:
     default_grad_clip: ClassVar[float | None] = None
     #: DDP: some parameters may get no gradient in a step (a head sitting out a batch)
     find_unused_parameters: ClassVar[bool] = False
-    #: :func:`pixelwise.inference.optimize` (conv+BN folding, channels_last) applies to its models
+    #: :func:`pixelwise.optimize.optimize` (conv+BN folding, channels_last) applies to its models
     supports_optimize: ClassVar[bool] = False
     #: how :mod:`pixelwise.export` exports its models: "dense" (batch -> logits), "detection"
     #: (one image -> boxes, labels, scores, masks) or None (no export yet)
