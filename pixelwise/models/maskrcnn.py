@@ -88,7 +88,7 @@ PAPER: dict[str, Any] = {
     "rpn_nms_thresh": 0.7,
     # RoI pooling
     "roi_op": "roi_align",  # or "roi_pool"
-    "aligned": True,
+    "aligned": True,  # detectron2's ROIAlignV2; the paper (and torchvision's MultiScaleRoIAlign): False
     "sampling_ratio": 2,  # 2 x 2 = the paper's 4 sampling points per bin
     "box_roi_size": 7,
     "mask_roi_size": 14,
