@@ -276,6 +276,10 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from pixelwise.export import export_checkpoint
 
+    if a.int8:  # int8: pixelwise/quantize.py
+        from pixelwise.quantize import quantize
+        print(f"exported int8 onnx model to {quantize(a.checkpoint, a.calibrate, a.calibration_images, a.out)}")
+        return 0
     path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=a.dynamic, size=a.size)
     print(f"exported {a.format} model to {path}" + (" (dynamic input size)" if a.dynamic else ""))
     return 0
@@ -488,6 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dynamic", action="store_true",
                    help="free height and width, and batch size (a Mask R-CNN graph takes one image per run)")
     p.add_argument("--size", type=int, help="example input side (default 512; the only size without --dynamic)")
+    p.add_argument("--int8", action="store_true", help="int8 static quantization (semantic models; onnxruntime; "
+                   "dynamic input size), calibrated on --calibrate DATA")
+    p.add_argument("--calibrate", metavar="DATA", help="--int8: training data (dataset or image folder) to calibrate on")
+    p.add_argument("--calibration-images", type=int, default=32, help="--int8: images to calibrate on (default 32)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="a local web page to try a checkpoint on your own images",
