@@ -56,7 +56,7 @@ def _miou(preds: list[np.ndarray], targets: list[np.ndarray], k: int) -> float:
     return float(cm.compute()["miou"])
 
 
-def _rows_for(name: str, ckpt_path: Path, data: Path) -> list[Row]:
+def _rows_for(name: str, ckpt_path: Path, data: Path, fx: bool = False) -> list[Row]:
     from pixelwise.data.io import read_image
     from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
     from pixelwise.engine.predict import predict_array
@@ -106,19 +106,65 @@ def _rows_for(name: str, ckpt_path: Path, data: Path) -> list[Row]:
             rows.append(Row(f"int8 {name}, {threads} thread(s): onnxruntime int8 vs onnxruntime fp32 (same export)",
                             f"{len(images) / t8:.1f} img/s", f"{len(images) / t32:.1f} img/s", ratio(t8, t32),
                             "what quantization itself buys; the rest of the gap to eager is onnxruntime's fp32"))
+            if threads == 2 and fx:
+                rows.append(_torch_fx_row(name, model, f, s8, data, images, targets, k, norm, reps))
             del s8, s32
     return rows
+
+
+def _torch_fx_row(name: str, model: torch.nn.Module, fp32_onnx: Path, s8, data: Path, images: list,
+                  targets: list, k: int, norm: dict, reps: int) -> Row:
+    """PyTorch's own int8 path on the same calibration inputs: FX graph mode static quantization
+    (x86 backend: oneDNN/fbgemm int8 kernels, no compiler needed; PT2E's prepare_pt2e/convert_pt2e
+    left torch for torchao, which is not installed). Same images, same threads."""
+    import copy
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from pixelwise.data.transforms import normalize_image
+    from pixelwise.quantize import calibration_inputs
+
+    class Logits(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.m(x)
+            return y["out"] if isinstance(y, dict) else y
+
+    torch.backends.quantized.engine = "x86"
+    cal = [torch.from_numpy(c) for c in calibration_inputs(fp32_onnx, data, 32)]
+    prepared = prepare_fx(Logits(copy.deepcopy(model)).eval(), get_default_qconfig_mapping("x86"), (cal[0],))
+    with torch.inference_mode():
+        for c in cal:
+            prepared(c)
+    qmodel = convert_fx(prepared)
+
+    @torch.inference_mode()
+    def fx() -> list[np.ndarray]:
+        return [qmodel(normalize_image(im, norm)[None])[0].argmax(0).numpy() for im in images]
+
+    def ort() -> list[np.ndarray]:
+        return [s8.predict(im) for im in images]
+
+    m_fx, m_ort = _miou(fx(), targets, k), _miou(ort(), targets, k)
+    t_ort, t_fx = side_by_side(ort, fx, reps)
+    return Row(f"int8 {name}, 2 threads: onnxruntime int8 vs PyTorch FX int8 (x86 backend), same calibration",
+               f"{len(images) / t_ort:.1f} img/s", f"{len(images) / t_fx:.1f} img/s", ratio(t_ort, t_fx),
+               f"mIoU onnxruntime int8 {m_ort:.4f} vs FX int8 {m_fx:.4f}; why `export --int8` uses onnxruntime")
 
 
 def int8_rows() -> list[Row]:
     """The demo model and the stardist U-Net: int8 vs fp32 eager (speed, mIoU)."""
     threads = torch.get_num_threads()
     try:
-        runs: list[tuple[str, Callable[[], tuple[Path, Path]]]] = [
-            ("demo fcn8s (VGG16-BN 1/4)", _demo), ("U-Net stardist (base 8, depth 4)", _unet)]
+        runs: list[tuple[str, Callable[[], tuple[Path, Path]], bool]] = [
+            ("demo fcn8s (VGG16-BN 1/4)", _demo, True), ("U-Net stardist (base 8, depth 4)", _unet, False)]
         rows: list[Row] = []
-        for name, get in runs:
-            rows.extend(_rows_for(name, *get()))
+        for name, get, fx in runs:
+            rows.extend(_rows_for(name, *get(), fx=fx))
         return rows
     finally:
         torch.set_num_threads(threads)
