@@ -104,26 +104,34 @@ class _Reader:
 def quantize(checkpoint: str | os.PathLike, calibration_data_dir: str | os.PathLike, n: int = 32,
              out: str | os.PathLike | None = None, *, per_channel: bool = True, opset: int = 17) -> Path:
     """int8 ONNX model of a semantic checkpoint, calibrated on ``n`` images of
-    ``calibration_data_dir`` (see the module docstring). ``out``: default
-    ``CHECKPOINT_STEM.int8.onnx`` next to the checkpoint. Written atomically. Returns ``out``."""
+    ``calibration_data_dir`` (see the module docstring). ``checkpoint``: whatever
+    :func:`pixelwise.export.export_checkpoint` reads. ``out``: default ``CKPT.int8.onnx`` next
+    to the checkpoint (a folder: ``FOLDER/model.int8.onnx``). Written atomically (a temporary
+    folder next to ``out``, one rename). Returns ``out``."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from pixelwise.engine.checkpoint import load_checkpoint
-    from pixelwise.errors import PixelwiseError
+    from pixelwise.errors import DataError, PixelwiseError
     from pixelwise.export import _META_KEY, _task, export_checkpoint
 
     if calibration_data_dir is None:
         raise PixelwiseError("int8 export needs calibration images: --calibrate DATA (the training data)")
-    ckpt = load_checkpoint(checkpoint)
-    if _task(ckpt.get("task", "semantic")).export_kind != "dense":
-        raise PixelwiseError(f"{checkpoint}: int8 quantization covers the semantic models, not "
-                             f"{ckpt.get('task')!r} models")
+    if not Path(calibration_data_dir).is_dir():  # before the export: fail fast
+        raise DataError(calibration_data_dir, "calibration folder not found",
+                        "give a dataset or a folder of training images")
     checkpoint = Path(checkpoint)
-    out = Path(out) if out is not None else checkpoint.with_name(f"{checkpoint.stem}.int8.onnx")
+    if out is None:
+        out = checkpoint / "model.int8.onnx" if checkpoint.is_dir() else checkpoint.with_suffix(".int8.onnx")
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".int8-", dir=out.parent) as tmp:
+        # whatever `pixelwise export` reads; the task is judged from the exported metadata
         fp32 = export_checkpoint(checkpoint, Path(tmp) / "fp32.onnx", dynamic=True, size=64, opset=opset)
+        meta = json.loads(next(p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props
+                               if p.key == _META_KEY))
+        if _task(meta.get("task", "semantic")).export_kind != "dense":
+            raise PixelwiseError(f"{checkpoint}: int8 quantization covers the semantic models, not "
+                                 f"{meta.get('task')!r} models")
         inputs = calibration_inputs(fp32, calibration_data_dir, n)
         q = Path(tmp) / "int8.onnx"
         root = logging.getLogger()
@@ -136,15 +144,13 @@ def quantize(checkpoint: str | os.PathLike, calibration_data_dir: str | os.PathL
         finally:
             root.setLevel(level)
         proto = onnx.load(str(q))
-        meta = json.loads(next(p.value for p in onnx.load(str(fp32), load_external_data=False).metadata_props
-                               if p.key == _META_KEY))
         meta["quantization"] = {"method": "onnxruntime quantize_static (QDQ, MinMax)", "weights": "int8",
                                 "activations": "uint8", "per_channel": bool(per_channel),
                                 "calibration_images": len(inputs), "calibration_data": str(calibration_data_dir)}
         del proto.metadata_props[:]
         entry = proto.metadata_props.add()
         entry.key, entry.value = _META_KEY, json.dumps(meta)
-        staged = out.with_name(f".{out.name}.tmp")
+        staged = Path(tmp) / "staged.onnx"  # same filesystem as out: the rename is atomic
         onnx.save(proto, str(staged))
         os.replace(staged, out)
     return out
