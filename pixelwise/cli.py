@@ -99,6 +99,15 @@ def _add_train(sub) -> None:
     p.add_argument("--no-report", action="store_true",
                    help="do not write OUT/report.html and its pictures after training")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in OUT (without it, train refuses a folder holding a run)")
+    p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=None,
+                   help="size the run for this CPU (model width, crop, batch, length; printed in one line). Default: "
+                        "on when neither --config nor any sizing flag (--model-arg, --epochs, --batch-size, "
+                        "--crop-size, --repeat, --lr, --optimizer, --time-limit) is given")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget of the CPU plan when no --config is given, e.g. 4GB (default: half the "
+                        "available RAM)")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -109,7 +118,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         "model", "data", "out", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "loss",
         "class_weights", "crop_size", "elastic", "repeat", "image_mode", "time_limit", "num_workers", "seed",
         "device", "threads", "resume", "checkpoint_every", "keep_last", "deterministic", "skip_bad_samples",
-        "tensorboard", "val_fraction", "colors")}
+        "tensorboard", "val_fraction", "colors", "overwrite")}
     cfg = load_config(a.config, overrides)
     if a.model_arg:
         cfg.model_kwargs = {**cfg.model_kwargs, **dict(a.model_arg)}
@@ -119,6 +128,23 @@ def _cmd_train(a: argparse.Namespace) -> int:
         cfg.progress = False
     if not cfg.data:
         raise PixelwiseError("no dataset: pass --data DIR (or `data:` in the config)")
+    explicit = {k for k, v in overrides.items() if v is not None}
+    explicit |= {f"model_kwargs.{k}" for k, _ in a.model_arg}
+    explicit |= {s.split("=", 1)[0].strip() for s in a.set_overrides}
+    from pixelwise.engine.plan import SIZING_KEYS
+
+    steering = bool(explicit & SIZING_KEYS) or any(k.startswith("model_kwargs") for k in explicit)
+    if a.plan or (a.plan is None and a.config is None and not cfg.resume and not steering):
+        # no recipe given: size the run for this machine (engine/plan.py)
+        from pixelwise.engine.distributed import launched_by_torchrun
+        from pixelwise.engine.fit import check_run_folder
+        from pixelwise.engine.plan import parse_memory, plan_training
+
+        check_run_folder(cfg)  # refuse before measuring anything
+        if not launched_by_torchrun():
+            cfg, line = plan_training(cfg, explicit, parse_memory(a.max_memory))
+            if line:
+                print(line, flush=True)
     result = train(cfg)
     from pixelwise.engine.distributed import is_main
 

@@ -126,53 +126,14 @@ def _swap_unpools(model: Any) -> int:
     return n
 
 
-def _unet_up_forward(self: Any, x: Any, skip: Any) -> Any:
-    """``UNetUp.forward`` with the crop sizes kept as traced shape values (no ``int()``)."""
-    import torch
-
-    x = self.up(x)
-    if self.padded:
-        x = x[..., : skip.shape[-2], : skip.shape[-1]]
-    else:
-        h, w = x.shape[-2], x.shape[-1]
-        top, left = (skip.shape[-2] - h) // 2, (skip.shape[-1] - w) // 2
-        skip = skip[..., top: top + h, left: left + w]
-    return self.conv(torch.cat([skip, x], dim=1))
-
-
-def _decoder_stage_forward(self: Any, x: Any, skip: Any = None, size: Any = None) -> Any:
-    """``UNetDecoderStage.forward`` with the target size kept as traced shape values."""
-    import torch
-    import torch.nn.functional as F
-
-    target = skip.shape[-2:] if skip is not None else size
-    th, tw = target[-2], target[-1]
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    if (h, w) == ((int(th) + 1) // 2, (int(tw) + 1) // 2):
-        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)[..., :th, :tw]
-    elif (h, w) != (int(th), int(tw)):
-        x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
-    if skip is not None:
-        x = torch.cat([x, skip], dim=1)
-    return self.conv(x)
-
-
 def _make_exportable(model: Any, dynamic: bool) -> None:
     """Swap in export-friendly equivalents of the layers whose eager code turns sizes into
     Python ints (they would be frozen into the graph) or that the exporter cannot express
-    with dynamic sizes. Same weights, same outputs."""
-    import types
-
-    from pixelwise.models.unet import UNetDecoderStage, UNetUp
-
+    with dynamic sizes. Same weights, same outputs. (The U-Net blocks need nothing: their
+    forward keeps traced sizes symbolic.)"""
     _swap_unpools(model)
     if dynamic:
         _swap_adaptive_pools(model)
-    for m in model.modules():
-        if isinstance(m, UNetUp):
-            m.forward = types.MethodType(_unet_up_forward, m)
-        elif isinstance(m, UNetDecoderStage):
-            m.forward = types.MethodType(_decoder_stage_forward, m)
 
 
 def _task(name: str):

@@ -140,10 +140,26 @@ def _pictures(task: Task, model: torch.nn.Module, ds: Any, device: torch.device)
         return [task.picture(model, ds, i, device) for i in range(min(TENSORBOARD_IMAGES, len(ds)))]
 
 
+#: the files that say a folder holds a training run
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse to start a fresh run in a folder that holds another one, unless told to (``overwrite``)."""
+    out = Path(cfg.out)
+    if cfg.resume or cfg.overwrite or not out.is_dir():
+        return
+    found = [n for n in RUN_FILES if (out / n).exists()] + [p.name for _, p in step_checkpoints(out)][:1]
+    if found:
+        raise PixelwiseError(f"{out}: holds a training run ({', '.join(found)}); pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+
+
 def fit(cfg: TrainConfig) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records."""
     task = task_for_model(cfg.model)
     task.check_config(cfg, TrainConfig())
+    check_run_folder(cfg)
     device, out, norm = start_run(cfg, distributed=True)
     main = dist.is_main()  # rank 0: the one process that prints and writes files
     report_to = out / "skipped_samples.json" if main else None  # bad samples left out, listed per split
