@@ -155,8 +155,14 @@ def check_run_folder(cfg: TrainConfig) -> None:
                              f"--overwrite to replace it, or choose another --out")
 
 
-def fit(cfg: TrainConfig) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records."""
+def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes: Any = None,
+        transform: Any = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records.
+
+    Or on your own map-style datasets of (image, mask) pairs (semantic models,
+    :mod:`pixelwise.data.user`): ``train_data`` and ``val_data`` (default: ``cfg.val_fraction``
+    of ``train_data`` held out, seeded), ``classes`` (names, index = mask value) and an optional
+    joint ``transform`` that replaces pixelwise's own augmentation."""
     task = task_for_model(cfg.model)
     task.check_config(cfg, TrainConfig())
     check_run_folder(cfg)
@@ -169,8 +175,21 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                        **task.data_options(cfg.to_dict()))
         return apply_skip_bad(ds, cfg.skip_bad_samples, split, cfg.data, report_to, quiet=not main)
 
-    train_base = opened(cfg.train_split, None, **task.open_training(cfg))
-    val_ds = opened(cfg.val_split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]))
+    eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
+    if train_data is None:
+        train_base = opened(cfg.train_split, None, **task.open_training(cfg))
+        val_ds = opened(cfg.val_split, eval_tf)
+    else:  # the user's own datasets
+        from pixelwise.data.user import split_indices
+
+        if val_data is None:
+            train_idx, val_idx = split_indices(len(train_data), cfg.val_fraction)
+            train_base, val_ds = (task.wrap_dataset(train_data, classes, transform, cfg.image_mode, train_idx),
+                                  task.wrap_dataset(train_data, classes, None, cfg.image_mode, val_idx))
+        else:
+            train_base = task.wrap_dataset(train_data, classes, transform, cfg.image_mode)
+            val_ds = task.wrap_dataset(val_data, classes or train_base.classes, None, cfg.image_mode)
+        val_ds.transforms = eval_tf
     classes, extras = train_base.classes, task.checkpoint_extras(train_base)
     if task.checkpoint_extras(val_ds) != extras:
         raise DataError(getattr(val_ds, "annotation_file", cfg.data),

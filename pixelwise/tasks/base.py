@@ -182,6 +182,12 @@ class Task:
         """Options of :meth:`open` that a run's config fixes (the same split when evaluating)."""
         return {}
 
+    def wrap_dataset(self, data: Any, classes: Any = None, transform: Any = None, image_mode: str = "RGB",
+                     indices: Sequence[int] | None = None) -> Any:
+        """A user's own map-style dataset as this task's samples (``indices``: a subset)."""
+        raise PixelwiseError(f"{self.name} models train on dataset folders (COCO files); a Python dataset of "
+                             "(image, mask) pairs is for semantic models")
+
     def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]] | None:
         """The DataLoader's collate function (None: the default padding collate)."""
         return None

@@ -232,6 +232,18 @@ class SemanticTask(Task):
         keys = ("with_instances", "val_fraction", "colors", "quiet")
         return open_dataset(data, split, transforms, image_mode, **{k: options[k] for k in keys if k in options})
 
+    def wrap_dataset(self, data: Any, classes: Any = None, transform: Any = None, image_mode: str = "RGB",
+                     indices: Sequence[int] | None = None) -> Any:
+        from pixelwise.data.user import IndexSubset, UserSegmentation
+
+        if isinstance(data, UserSegmentation) and indices is None:
+            return data
+        base = data.base if isinstance(data, UserSegmentation) else data
+        if isinstance(data, UserSegmentation):
+            classes, transform = classes or data.classes, transform or data.joint
+        return UserSegmentation(IndexSubset(base, indices) if indices is not None else base, classes, transform,
+                                image_mode)
+
     def data_options(self, config: dict[str, Any]) -> dict[str, Any]:
         """The automatic train/val split (``val_fraction``, seed 0: the split does not change
         with the training seed) and the RGB masks' colour table of a run's config."""
