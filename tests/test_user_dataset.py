@@ -1,7 +1,6 @@
 """Your Dataset, your transforms (issue 15 item 5): any map-style dataset of (image, mask) pairs trains."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

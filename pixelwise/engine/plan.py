@@ -125,7 +125,6 @@ def _measure_step(cfg: TrainConfig, model_kwargs: dict[str, Any], num_classes: i
     seconds = time.perf_counter() - t0
     peak_kb = _proc_kb("VmHWM") if reset else None
     grown = max(0, (peak_kb or base_kb) - base_kb) * 1024
-    del model, opt
     return grown, seconds
 
 
