@@ -159,6 +159,9 @@ class Task:
     export_kind: ClassVar[str | None] = None
     #: the model takes a list of (C, H, W) images (torchvision's detection convention), not a batch
     image_list_input: ClassVar[bool] = False
+    #: keyword options of :meth:`predict` besides tiling / TTA (``pixelwise.load(...).predict``
+    #: refuses the others by name)
+    predict_options: ClassVar[frozenset[str]] = frozenset()
     #: files written per input image by :meth:`write`, in order (``--skip-existing``)
     output_suffixes: ClassVar[tuple[str, ...]] = (".png", "_overlay.png")
 
