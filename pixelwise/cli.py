@@ -285,8 +285,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from pixelwise.serve import serve
 
     serve(a.checkpoint, a.host, a.port, device=a.device, max_upload_mb=a.max_upload_mb,
-          max_megapixels=a.max_megapixels, score_threshold=a.score_threshold, fast=a.fast,
-          log_requests=not a.quiet, **_inference_kwargs(a))
+          max_megapixels=a.max_megapixels, max_memory_gb=a.max_memory, allowed_hosts=tuple(a.allow_host),
+          score_threshold=a.score_threshold, fast=a.fast, log_requests=not a.quiet, **_inference_kwargs(a))
     return 0
 
 
@@ -494,13 +494,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve one page: choose or drop an image, see the segmentation over it (opacity "
                                    "slider), a legend with pixel shares; instance and panoptic checkpoints show every "
                                    "instance / segment in its own colour. "
-                                   "API: POST the image bytes to /api/predict (JSON answer). See pixelwise/serve.py.")
-    p.add_argument("--checkpoint", required=True)
+                                   "API: POST the image (raw bytes, or a form field named file: curl -F "
+                                   "file=@img.png) to /api/predict (JSON answer). See pixelwise/serve.py.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint, a run folder, a pretrained folder (model.safetensors + config.json) or a "
+                        "hub repo id in the local hub cache")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use besides localhost and --host (requests naming any other "
+                        "host are refused: DNS rebinding protection); repeatable")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get HTTP 413 (default 20)")
-    p.add_argument("--max-megapixels", type=float, default=40.0,
-                   help="images with more pixels get HTTP 413 (default 40)")
+    p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
+                   help="peak memory budget of the server in GB (default 2): the largest accepted image is "
+                        "measured at start-up to keep one request under it; larger images get HTTP 413")
+    p.add_argument("--max-megapixels", type=float, default=None,
+                   help="a pixel cap besides the memory budget (default: none)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="instance checkpoints: lowest score shown")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
