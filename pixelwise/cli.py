@@ -276,8 +276,14 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from pixelwise.export import export_checkpoint
 
-    path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=a.dynamic, size=a.size)
-    print(f"exported {a.format} model to {path}" + (" (dynamic input size)" if a.dynamic else ""))
+    dynamic = True if a.dynamic else None
+    path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=dynamic, size=a.size)
+    if a.format == "safetensors":
+        print(f"wrote {path}/model.safetensors and config.json (load with pixelwise.load({str(path)!r}))")
+    else:
+        free = a.dynamic or a.size is None
+        print(f"exported {a.format} model to {path}" +
+              (" (free input size)" if free else f" (fixed input size {a.size}x{a.size})"))
     return 0
 
 
@@ -481,13 +487,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("export", help="export a checkpoint's model (ONNX) for deployment")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p = sub.add_parser("export", help="export a model (ONNX, torch.export, safetensors) for deployment or sharing")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint, a run folder or a pretrained folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch-export", "safetensors"],
+                   help="onnx (semantic, Mask R-CNN), torch-export (.pt2, semantic) or safetensors (a folder: "
+                        "model.safetensors + config.json for pixelwise.load)")
+    p.add_argument("--out", required=True, help="output file (model.onnx, model.pt2) or folder (safetensors)")
+    p.add_argument("--size", type=int, help="fix the input to SIZE x SIZE (default: free height and width; "
+                                            "predict --onnx resizes other images to a fixed size)")
     p.add_argument("--dynamic", action="store_true",
-                   help="free height and width, and batch size (a Mask R-CNN graph takes one image per run)")
-    p.add_argument("--size", type=int, help="example input side (default 512; the only size without --dynamic)")
+                   help="free height and width even with --size (then only the example input's side)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="a local web page to try a checkpoint on your own images",
