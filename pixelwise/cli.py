@@ -490,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a model (ONNX, torch.export, safetensors) for deployment or sharing")
     p.add_argument("--checkpoint", required=True, help="a checkpoint, a run folder or a pretrained folder")
     p.add_argument("--format", default="onnx", choices=["onnx", "torch-export", "safetensors"],
-                   help="onnx (semantic, Mask R-CNN), torch-export (.pt2, semantic) or safetensors (a folder: "
+                   help="onnx (semantic, Mask R-CNN, Panoptic FPN), torch-export (.pt2, semantic) or safetensors (a folder: "
                         "model.safetensors + config.json for pixelwise.load)")
     p.add_argument("--out", required=True, help="output file (model.onnx, model.pt2) or folder (safetensors)")
     p.add_argument("--size", type=int, help="fix the input to SIZE x SIZE (default: free height and width; "

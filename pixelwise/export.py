@@ -29,8 +29,13 @@ per-image top-k, mask pasting - is traced for one image). The metadata adds the 
 ``--format torch-export --out model.pt2``: a :func:`torch.export` program of a semantic model
 (:func:`export_torch`; H and W free among multiples of 32, :class:`TorchExportSegmenter` pads
 to them). ``--format safetensors --out DIR``: ``DIR/model.safetensors`` + ``DIR/config.json``,
-loadable with ``pixelwise.load(DIR)`` without unpickling anything. Panoptic FPN has no ONNX or
-torch-export yet (safetensors only).
+loadable with ``pixelwise.load(DIR)`` without unpickling anything.
+
+Panoptic FPN exports to ONNX as Mask R-CNN does, with one more output ``sem_seg`` (the
+semantic logits at the image size); its merge runs after onnxruntime
+(:class:`OnnxPanopticSegmenter`: :func:`~pixelwise.postprocess_panoptic.merge_panoptic` on the
+NumPy outputs with the model's merge settings from the metadata), and ``predict --onnx``
+writes what ``predict`` writes for panoptic checkpoints (PNG, overlay, ``panoptic.json``).
 
 Exact score ties (a constant image gives many identical proposals) may be broken in another
 order by onnxruntime's NMS / top-k than by PyTorch's. The RoI pooler's feature scales
@@ -50,8 +55,8 @@ import numpy as np
 
 from pixelwise.postprocess import instance_id_map  # noqa: F401  (moved; re-exported)
 
-__all__ = ["export_onnx", "export_checkpoint", "export_torch", "TorchExportSegmenter", "FORMATS", "OnnxModel", "OnnxSegmenter", "OnnxInstanceSegmenter", "open_onnx",
-           "instance_id_map", "predict_files_onnx", "onnx_metadata"]
+__all__ = ["export_onnx", "export_checkpoint", "export_torch", "TorchExportSegmenter", "FORMATS", "OnnxModel",
+           "OnnxSegmenter", "OnnxInstanceSegmenter", "OnnxPanopticSegmenter", "open_onnx", "instance_id_map", "predict_files_onnx", "onnx_metadata"]
 
 _META_KEY = "pixelwise"
 
@@ -206,7 +211,16 @@ def onnx_metadata(model: Any, ckpt: dict[str, Any] | None = None) -> dict[str, A
     if hasattr(model, "valid_input_sizes") and hasattr(model, "output_margin"):
         meta["output_margin"] = int(model.output_margin)
         meta["valid_sizes"] = [int(n) for n in model.valid_input_sizes(1, 4096)]
-    if _task(meta["task"]).export_kind == "detection":
+    kind = _task(meta["task"]).export_kind
+    if kind == "detection+semantic":  # the merge runs after the graph: its settings travel with it
+        inst = model.instance
+        meta["categories"] = (ckpt or {}).get("categories") or meta.get("classes")
+        meta["merge"] = {"thing_ids": list(model.thing_ids), "stuff_ids": list(model.stuff_ids),
+                         "thing_class": int(model.thing_class), "score_threshold": model.merge_score_threshold,
+                         "overlap_threshold": model.merge_overlap_threshold, "stuff_area": model.stuff_area,
+                         "scale_stuff_area": bool(model.scale_stuff_area)}
+        model = inst
+    if kind in ("detection", "detection+semantic"):
         n = int(getattr(model, "num_classes", 0) or 0)
         meta["category_ids"] = (ckpt or {}).get("category_ids") or list(range(n))
         meta["mask_threshold"] = float(getattr(model, "mask_threshold", 0.5))
@@ -234,11 +248,12 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
     from pixelwise.optimize import _in_channels, fold_conv_bn
 
     task = _task(getattr(model, "pixelwise_task", "semantic"))
-    if task.export_kind == "detection":
+    if task.export_kind in ("detection", "detection+semantic"):
         return _export_instance(model, out, dynamic=dynamic, size=size, in_channels=in_channels, opset=opset,
-                                metadata=metadata, fold=fold)
+                                metadata=metadata, fold=fold, panoptic=task.export_kind == "detection+semantic")
     if task.export_kind != "dense":
-        raise NotImplementedError(f"ONNX export covers the semantic models and Mask R-CNN, not {task.name!r} models")
+        raise NotImplementedError(f"ONNX export covers the semantic models, Mask R-CNN and Panoptic FPN, not "
+                                  f"{task.name!r} models")
     model = copy.deepcopy(model).eval().requires_grad_(False)
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     h, w = _export_size(model, h), _export_size(model, w)
@@ -289,7 +304,8 @@ _INSTANCE_OUTPUTS = ("boxes", "labels", "scores", "masks")
 
 
 def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size: int | Sequence[int],
-                     in_channels: int | None, opset: int, metadata: dict[str, Any] | None, fold: bool) -> Path:
+                     in_channels: int | None, opset: int, metadata: dict[str, Any] | None, fold: bool,
+                     panoptic: bool = False) -> Path:
     """Mask R-CNN (torchvision detection convention) -> ONNX graph of one image (see the module
     docstring). The TorchScript exporter (``dynamo=False``) traces torchvision's ONNX-aware
     code paths: dynamic resize / batching, ``NonMaxSuppression``, ``RoiAlign`` (opset >= 16
@@ -304,7 +320,7 @@ def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size:
         raise ValueError(f"Mask R-CNN export needs opset >= 16 (RoiAlign with half-pixel offset), got {opset}")
     model = copy.deepcopy(model).eval().requires_grad_(False)
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    c = in_channels if in_channels is not None else int(getattr(model, "in_channels", 3))
+    c = in_channels if in_channels is not None else int(getattr(getattr(model, "instance", model), "in_channels", 3))
     dtype = next((p.dtype for p in model.parameters()), torch.float32)
     x = torch.randn(c, h, w, generator=torch.Generator().manual_seed(0)).to(dtype)
     if fold:
@@ -319,17 +335,44 @@ def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size:
             y = self.m([image])[0]
             return tuple(y[k] for k in _INSTANCE_OUTPUTS)
 
+    class _PanopticOneImage(torch.nn.Module):
+        """Panoptic FPN's two branches for one image; the merge runs after the graph."""
+
+        def __init__(self, m: torch.nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            import torch.nn.functional as F
+
+            inst = self.m.instance
+            orig = [(image.shape[-2], image.shape[-1])]
+            batch, _ = inst.transform([image])
+            features = inst.backbone(batch.tensors)
+            proposals, _ = inst.rpn(batch, features)
+            dets, _ = inst.roi_heads(features, proposals, batch.image_sizes)
+            y = inst.transform.postprocess(dets, batch.image_sizes, orig)[0]
+            h, w = batch.image_sizes[0]
+            # always resized (an identity at the same size): a size test would be frozen by the tracer
+            sem = F.interpolate(self.m.semantic(features)[:, :, :h, :w], size=orig[0], mode="bilinear",
+                                align_corners=False)[0]
+            return (*(y[k] for k in _INSTANCE_OUTPUTS), sem)
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
+    names = list(_INSTANCE_OUTPUTS) + (["sem_seg"] if panoptic else [])
     axes: dict[str, dict[int, str]] = {k: {0: "detections"} for k in _INSTANCE_OUTPUTS}
     if dynamic:
         axes["image"] = {1: "height", 2: "width"}
         axes["masks"] = {0: "detections", 2: "height", 3: "width"}
+        if panoptic:
+            axes["sem_seg"] = {1: "height", 2: "width"}
+    wrapper = _PanopticOneImage(model) if panoptic else _OneImage(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter
-        torch.onnx.export(_OneImage(model).eval(), (x,), str(tmp), dynamo=False, input_names=["image"],
-                          output_names=list(_INSTANCE_OUTPUTS), dynamic_axes=axes, opset_version=opset,
+        torch.onnx.export(wrapper.eval(), (x,), str(tmp), dynamo=False, input_names=["image"],
+                          output_names=names, dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=True)
     return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
 
@@ -344,7 +387,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, for
     :func:`pixelwise.load` takes) with its classes and normalisation (Mask R-CNN: its COCO
     category ids and mask threshold too) in the file.
 
-    ``format``: ``"onnx"`` (semantic models and Mask R-CNN), ``"torch-export"`` (a ``.pt2``
+    ``format``: ``"onnx"`` (semantic models, Mask R-CNN, Panoptic FPN), ``"torch-export"`` (a ``.pt2``
     :func:`torch.export` program; semantic models) or ``"safetensors"`` (``out`` is a folder:
     ``model.safetensors`` + ``config.json``, :meth:`pixelwise.api.Segmenter.save_pretrained`).
     Height and width are free unless ``size`` is given (``dynamic``: None = free exactly when
@@ -368,7 +411,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, for
                                  "(export them with --format onnx or safetensors)")
         return export_torch(seg.model, out, dynamic=dynamic, size=size or 64, in_channels=in_ch, metadata=meta)
     if task.export_kind is None:
-        raise PixelwiseError(f"{checkpoint}: ONNX export covers semantic models and Mask R-CNN, not "
+        raise PixelwiseError(f"{checkpoint}: ONNX export covers semantic models, Mask R-CNN and Panoptic FPN, not "
                              f"{task.name!r} models (export them with --format safetensors)")
     return export_onnx(seg.model, out, dynamic=dynamic, size=size or 512, in_channels=in_ch, opset=opset,
                        metadata=meta)
@@ -605,6 +648,17 @@ class OnnxInstanceSegmenter(OnnxModel):
         ids = self.meta.get("category_ids")
         return [int(i) for i in ids] if ids else list(range(len(self.classes or [])))
 
+    def _check_size(self, image: np.ndarray) -> None:
+        """A fixed-size graph refuses other sizes in one line (its detections cannot be resized back exactly)."""
+        if not self.meta.get("dynamic", True) and self.meta.get("export_size") and \
+                list(image.shape[:2]) != [int(v) for v in self.meta["export_size"]]:
+            from pixelwise.errors import PixelwiseError
+
+            eh, ew = self.meta["export_size"]
+            raise PixelwiseError(f"the image is {image.shape[1]}x{image.shape[0]} but this {self.meta.get('task')} "
+                                 f"model was exported for {ew}x{eh} images only; export it again without --size "
+                                 "(free size)")
+
     def outputs(self, x: np.ndarray) -> dict[str, np.ndarray]:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 3:
@@ -615,13 +669,7 @@ class OnnxInstanceSegmenter(OnnxModel):
     def detect(self, image: np.ndarray, score_threshold: float = 0.5) -> dict[str, np.ndarray]:
         """``boxes`` (K, 4) float32 xyxy, ``labels`` (K,) int64, ``scores`` (K,), ``masks``
         (K, H, W) bool of a uint8 (H, W[, C]) image, best score first."""
-        if not self.meta.get("dynamic", True) and self.meta.get("export_size") and \
-                list(image.shape[:2]) != [int(v) for v in self.meta["export_size"]]:
-            from pixelwise.errors import PixelwiseError
-
-            eh, ew = self.meta["export_size"]
-            raise PixelwiseError(f"the image is {image.shape[1]}x{image.shape[0]} but this Mask R-CNN was exported "
-                                 f"for {ew}x{eh} images only; export it again without --size (free size)")
+        self._check_size(image)
         y = self.outputs(self.normalize(image)[0])
         keep = y["scores"] >= score_threshold
         masks = y["masks"][keep]
@@ -633,6 +681,30 @@ class OnnxInstanceSegmenter(OnnxModel):
         return instance_id_map(self.detect(image, score_threshold)["masks"], image.shape[:2])
 
 
+class OnnxPanopticSegmenter(OnnxInstanceSegmenter):
+    """An exported Panoptic FPN in onnxruntime: the graph gives the Mask R-CNN outputs and the
+    semantic logits ``sem_seg`` of ONE image; :meth:`panoptic` merges them after the graph
+    with :func:`pixelwise.postprocess_panoptic.merge_panoptic` (NumPy in, NumPy out) and the
+    merge settings stored in the metadata, as the PyTorch model does."""
+
+    def panoptic(self, image: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        """``(id_map (H, W) int32, segments)`` of a uint8 (H, W[, C]) image (0 = void)."""
+        from pixelwise.postprocess_panoptic import merge_panoptic, scaled_stuff_area
+
+        self._check_size(image)
+        y = self.outputs(self.normalize(image)[0])
+        m = self.meta["merge"]
+        h, w = image.shape[:2]
+        labels = y["labels"].astype(np.int64)
+        cats = np.asarray(m["thing_ids"], np.int64)[np.clip(labels - 1, 0, None)] if len(labels) else labels
+        area = scaled_stuff_area(h, w, min_area=m["stuff_area"]) if m["scale_stuff_area"] else m["stuff_area"]
+        id_map, segments = merge_panoptic(
+            y["masks"], y["scores"], cats, y["sem_seg"].argmax(0), thing_class=int(m["thing_class"]),
+            stuff_classes={s: c for s, c in enumerate(m["stuff_ids"])}, score_threshold=m["score_threshold"],
+            overlap_threshold=m["overlap_threshold"], mask_threshold=self.mask_threshold, stuff_area_min=area)
+        return np.asarray(id_map), list(segments)
+
+
 def open_onnx(path: str | os.PathLike, threads: int | None = None) -> OnnxSegmenter | OnnxInstanceSegmenter:
     """The runner of an exported pixelwise model, by the task in its metadata."""
     from pixelwise.errors import PixelwiseError
@@ -641,10 +713,11 @@ def open_onnx(path: str | os.PathLike, threads: int | None = None) -> OnnxSegmen
         raise PixelwiseError(f"{path}: ONNX model not found")
     session = _session(Path(path), threads)
     task = _session_meta(session).get("task", "semantic")
-    runners = {"dense": OnnxSegmenter, "detection": OnnxInstanceSegmenter}
+    runners = {"dense": OnnxSegmenter, "detection": OnnxInstanceSegmenter,
+               "detection+semantic": OnnxPanopticSegmenter}
     kind = _task(task).export_kind
     if kind not in runners:
-        raise PixelwiseError(f"{path}: cannot predict with a {task!r} ONNX model (semantic and instance only)")
+        raise PixelwiseError(f"{path}: cannot predict with a {task!r} ONNX model")
     return runners[kind](path, session=session)
 
 
@@ -663,6 +736,8 @@ def predict_files_onnx(onnx_path: str | os.PathLike, inputs: Iterable[str | os.P
     from pixelwise.viz import overlay
 
     seg = open_onnx(onnx_path, threads)
+    if isinstance(seg, OnnxPanopticSegmenter):
+        return _predict_panoptic_files_onnx(seg, inputs, out, alpha, progress)
     if isinstance(seg, OnnxInstanceSegmenter):
         return _predict_instance_files_onnx(seg, inputs, out, alpha, progress, score_threshold)
     classes_meta = seg.classes
@@ -725,3 +800,33 @@ def _predict_instance_files_onnx(seg: OnnxInstanceSegmenter, inputs: Iterable[st
         write_json(out / f"{f.stem}.json", dets)
         written.append(out / f"{f.stem}.png")
     return written
+
+
+def _predict_panoptic_files_onnx(seg: OnnxPanopticSegmenter, inputs: Iterable[str | os.PathLike],
+                                 out: str | os.PathLike, alpha: float, progress: bool) -> list[Path]:
+    """What ``predict`` writes for a panoptic checkpoint (COCO panoptic PNG and overlay per
+    image, one ``panoptic.json``), through the panoptic task's writers."""
+    from tqdm import tqdm
+
+    from pixelwise.data.io import read_image
+    from pixelwise.engine.predict import collect_inputs
+    from pixelwise.errors import DataError, PixelwiseError
+    from pixelwise.tasks import get_task
+    from pixelwise.tasks.panoptic import PanopticResult
+
+    task = get_task(seg.task)
+    info = {**seg.meta, "categories": seg.meta.get("categories") or seg.classes}
+    files = collect_inputs(inputs)
+    out = Path(out)
+    state = task.begin_predict(files, out, info)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for f in tqdm(files, desc="predict (onnx)", unit="img", disable=not progress):
+        image = read_image(f, mode=seg.image_mode)
+        try:
+            id_map, segments = seg.panoptic(image)
+        except PixelwiseError as e:
+            raise DataError(f, str(e)) from None
+        result = PanopticResult(id_map, segments, info["categories"])
+        written.append(task.write(result, image, out, f.stem, info, state, alpha))
+    return written + task.end_predict(out, info, state)

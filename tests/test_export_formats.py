@@ -157,3 +157,73 @@ def test_fixed_size_mask_rcnn_says_its_size_in_one_line(tmp_path, capsys):
                  str(tmp_path / "out"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "wide.png" in err and "80x48" in err and "64x64" in err, err
+
+
+PAN_CATEGORIES = [{"id": 1, "name": "circle", "isthing": 1, "color": [220, 20, 60]},
+                  {"id": 2, "name": "square", "isthing": 1, "color": [30, 144, 255]},
+                  {"id": 3, "name": "sky", "isthing": 0, "color": [135, 206, 235]},
+                  {"id": 4, "name": "grass", "isthing": 0, "color": [34, 139, 34]}]
+
+
+def test_panoptic_fpn_onnx_matches_pytorch_on_pq(tmp_path):
+    """Panoptic FPN to ONNX (free size): the graph's outputs equal PyTorch's, the merge after it
+    gives the same panoptic maps (PQ 1.0 against PyTorch's own prediction on every image), and
+    `predict --onnx` writes what `predict --checkpoint` writes."""
+    from pixelwise.cli import main
+    from pixelwise.engine.predict import predict_files
+    from pixelwise.export import OnnxPanopticSegmenter, open_onnx
+    from pixelwise.metrics.panoptic import PQStat, pq_single_image
+    from pixelwise.tasks.panoptic import PREDICTIONS_JSON
+
+    torch.manual_seed(0)
+    m = pixelwise.build_model("panoptic_fpn", 4, num_things=3, merge_score_threshold=0.3, stuff_area=16.0,
+                              scale_stuff_area=False, semantic_channels=32, preset="cpu", fpn_channels=16,
+                              mask_head_channels=8, box_head_dim=32, min_size=64, max_size=64,
+                              rpn_pre_nms_top_n_test=50, rpn_post_nms_top_n_test=20,
+                              anchor_sizes=(8, 16, 32, 64, 128)).eval()
+    ckpt = save_checkpoint(tmp_path / "pan.pt", {
+        "model": m.pixelwise_spec, "state_dict": m.state_dict(), "classes": PAN_CATEGORIES,
+        "categories": PAN_CATEGORIES, "thing_ids": [1, 2], "stuff_ids": [3, 4],
+        "normalization": normalization_for("RGB", None, None), "config": {}, "epoch": 0, "step": 0, "metrics": {},
+        "task": "panoptic"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "pan.onnx")]) == 0
+    runner = open_onnx(tmp_path / "pan.onnx")
+    assert isinstance(runner, OnnxPanopticSegmenter) and runner.meta["dynamic"]
+    seg = pixelwise.load(ckpt, device="cpu")
+    rng = np.random.default_rng(0)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    total_torch, total_onnx = PQStat(), PQStat()
+    for i, (h, w) in enumerate([(48, 64), (70, 50), (64, 64)]):
+        img = (rng.random((h, w, 3)) * 80).astype(np.uint8)
+        img[h // 6: h // 2, w // 8: w // 2] = (220, 40, 60)
+        img[h // 2:, w // 2:] = (40, 120, 240)
+        Image.fromarray(img).save(imgs / f"im{i}.png")
+        want = seg.predict(img)
+        x = torch.from_numpy(runner.normalize(img)[0])
+        with torch.no_grad():
+            ref = m([x])[0]
+        got = runner.outputs(runner.normalize(img)[0])
+        for k in ("boxes", "scores", "masks", "sem_seg"):
+            assert got[k].shape == tuple(ref[k].shape), k
+            assert np.abs(got[k] - ref[k].numpy()).max() < 1e-4, k
+        id_map, segments = runner.panoptic(img)
+        assert len(want.segments) >= 2
+        truth = want.segments_info()
+        total_torch += pq_single_image(want.id_map, truth, want.id_map, truth, PAN_CATEGORIES)
+        total_onnx += pq_single_image(want.id_map, truth, id_map, segments, PAN_CATEGORIES)
+    pq_torch = total_torch.pq_average(PAN_CATEGORIES, isthing=None)["pq"]
+    pq_onnx = total_onnx.pq_average(PAN_CATEGORIES, isthing=None)["pq"]
+    assert pq_torch == pytest.approx(1.0) and abs(pq_onnx - pq_torch) <= 1e-9, (pq_onnx, pq_torch)
+    # the CLI: predict --onnx writes the files predict --checkpoint writes
+    assert main(["predict", "--onnx", str(tmp_path / "pan.onnx"), str(imgs), "--out", str(tmp_path / "p_onnx"),
+                 "--quiet"]) == 0
+    predict_files(ckpt, [imgs], tmp_path / "p_torch", device="cpu", progress=False)
+    a = json.loads((tmp_path / "p_onnx" / PREDICTIONS_JSON).read_text())["annotations"]
+    b = json.loads((tmp_path / "p_torch" / PREDICTIONS_JSON).read_text())["annotations"]
+    assert a == b
+    for i in range(3):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "p_onnx" / f"im{i}.png")),
+                              np.asarray(Image.open(tmp_path / "p_torch" / f"im{i}.png")))

@@ -228,7 +228,7 @@ class PanopticTask(InstanceTask):
     best_metric: ClassVar[str] = "pq"
     best_key: ClassVar[str] = "best_pq"
     output_suffixes: ClassVar[tuple[str, ...]] = (".png", "_overlay.png")
-    export_kind: ClassVar[str | None] = None
+    export_kind: ClassVar[str | None] = "detection+semantic"
     #: the model merges with its own ``merge_score_threshold``
     predict_options: ClassVar[frozenset[str]] = frozenset()
 
