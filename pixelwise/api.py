@@ -289,7 +289,10 @@ def _from_folder(folder: Path, device: str | None, **options: Any) -> Segmenter:
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
     load_state_dict_checked(model, state, weights, spec["name"])
-    return Segmenter(model, cfg, device, source=str(folder), **options)
+    seg = Segmenter(model, cfg, device, source=str(folder), **options)
+    if seg.optimized:
+        seg._state_dict = state
+    return seg
 
 
 def _hub_folder(repo_id: str) -> Path:

@@ -506,6 +506,11 @@ class TorchExportSegmenter:
 
         m = self.meta.get("size_multiple")
         h, w = x.shape[-2:]
+        if not self.meta.get("dynamic", True) and list(x.shape[-2:]) != list(self.meta.get("export_size", [h, w])):
+            from pixelwise.errors import PixelwiseError
+
+            eh, ew = self.meta["export_size"]
+            raise PixelwiseError(f"{self.path}: this program was exported for {ew}x{eh} inputs only, got {w}x{h}")
         if not m or (h % m == 0 and w % m == 0):
             return self.module(x)
         ph, pw = -h % m, -w % m

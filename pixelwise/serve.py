@@ -82,7 +82,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from pixelwise.errors import DataError, PixelwiseError
@@ -236,8 +235,8 @@ def _rss() -> int:
 
 def _release_free_memory() -> None:
     """Give freed heap pages back to the system (glibc), so RSS measures what is in use."""
-    import ctypes
     import contextlib
+    import ctypes
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)

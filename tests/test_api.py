@@ -16,7 +16,6 @@ from pixelwise.data.loading import normalization_for
 from pixelwise.engine.checkpoint import save_checkpoint
 from pixelwise.errors import PixelwiseError
 from pixelwise.tasks.instance import InstanceResult
-from pixelwise.tasks.panoptic import PanopticResult
 from pixelwise.tasks.semantic import SemanticResult
 
 CLASSES = [{"id": i, "name": n, "isthing": t, "color": c} for i, (n, c, t) in
