@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 from torchvision.models import segmentation as tvseg
+from torchvision.models import detection as tvdet
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -299,8 +300,29 @@ def test_old_torchvision_key_names_load():
 def test_key_table_covers_every_torchvision_key():
     for arch in TORCHVISION_ARCHS:
         if arch.startswith("maskrcnn"):
-            tv = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=3)
+            tv = getattr(tvdet, arch)(weights=None, weights_backbone=None, num_classes=3)
         else:
             tv = getattr(tvseg, arch)(weights=None, weights_backbone=None, num_classes=3, aux_loss=True)
         mapped, unmatched = map_torchvision_keys(arch, tv.state_dict())
         assert unmatched == [] and len(mapped) == len(tv.state_dict()), arch
+
+
+def test_maskrcnn_v2_detections_equal_torchvision():
+    """v2: BN in the FPN and heads, a 2-conv RPN head, a 4conv1fc box head."""
+    torch.manual_seed(0)
+    tv = _randomise_bn(tvdet.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=4,
+                                                       min_size=160, max_size=256))
+    with torch.no_grad():  # random heads favour the background: let RoIs pass the 0.05 score threshold
+        tv.roi_heads.box_predictor.cls_score.bias[0] -= 5
+    conv = convert_torchvision("maskrcnn_resnet50_fpn_v2", tv.state_dict(), min_size=160, max_size=256)
+    assert {k: conv.spec["kwargs"][k] for k in ("fpn_norm", "rpn_conv_depth", "box_head_convs", "head_norm")} == \
+        {"fpn_norm": True, "rpn_conv_depth": 2, "box_head_convs": 4, "head_norm": True}
+    x = torch.rand(3, 150, 190, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = tv([x])[0]
+        got = conv.model([(x - MEAN) / STD])[0]
+    assert len(ref["boxes"]) >= 20
+    for key in ("boxes", "labels", "scores", "masks"):
+        assert _max_diff(ref[key], got[key]) <= TOL, key
+    with pytest.raises(CheckpointError, match="not a torchvision maskrcnn_resnet50_fpn state dict"):
+        pixelwise.from_torchvision("maskrcnn_resnet50_fpn", tv.state_dict())

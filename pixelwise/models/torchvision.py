@@ -17,10 +17,13 @@ torchvision                    pixelwise   options
 ``deeplabv3_resnet50/101``     deeplabv3   ``backbone=resnet50/101, output_stride=8,
                                            dilation_style="torchvision", aux=<...>``
 ``maskrcnn_resnet50_fpn``      maskrcnn    ``aligned=False`` (torchvision's RoIAlign has no
-                                           half-pixel offset); ``frozen_bn=True,
-                                           trainable_stages=3`` when the file's backbone BN
-                                           has no ``num_batches_tracked`` (torchvision's
-                                           pretrained files: frozen BN), else ``False, 5``
+                                           half-pixel offset); ``frozen_bn=True`` when the
+                                           file's backbone BN has no ``num_batches_tracked``
+                                           (torchvision's pretrained files: frozen BN);
+                                           ``trainable_stages=3`` (torchvision's setting
+                                           for fine-tuning pretrained weights)
+``maskrcnn_resnet50_fpn_v2``   maskrcnn    as v1, plus ``fpn_norm=True, rpn_conv_depth=2,
+                                           box_head_convs=4, head_norm=True``
 =============================  ==========  ==================================================
 
 Key table (first matching rule wins; ``<r>`` is a ResNet key such as ``layer3.0.conv2.weight``):
@@ -37,8 +40,8 @@ DeepLab ``classifier.0.project.0`` / ``.1`` ``head.0.project.0.0`` / ``.0.1``
 DeepLab ``classifier.1`` / ``.2``           ``head.1.0`` / ``head.1.1``
 DeepLab ``classifier.4``                    ``head.2``
 ``backbone.body.<r>`` (Mask R-CNN)          ``backbone.encoder.<r>``
-``backbone.fpn.inner_blocks.<i>[.0]``       ``backbone.fpn.lateral.<i>``
-``backbone.fpn.layer_blocks.<i>[.0]``       ``backbone.fpn.output.<i>``
+``backbone.fpn.inner_blocks.<i>[.0]``       ``backbone.fpn.lateral.<i>`` (v2: ``.<i>.0/1``)
+``backbone.fpn.layer_blocks.<i>[.0]``       ``backbone.fpn.output.<i>`` (v2: ``.<i>.0/1``)
 ``rpn.head.conv[.0.0]`` (old files)         ``rpn.head.conv.0.0``
 ``roi_heads.mask_head.mask_fcn<k>``         ``roi_heads.mask_head.<k-1>.0``
 ``rpn.*``, ``roi_heads.*``                  unchanged
@@ -53,8 +56,7 @@ models take the same normalised image; its Mask R-CNN takes the raw [0, 1] image
 normalises inside, so ``pixelwise_maskrcnn(normalize(x)) == torchvision_maskrcnn(x)``.
 
 Not supported: ``deeplabv3_mobilenet_v3_large`` and ``lraspp_mobilenet_v3_large`` (pixelwise
-has no MobileNetV3 encoder); ``maskrcnn_resnet50_fpn_v2`` (BN in FPN/heads, conv box head)
-is listed in :data:`TORCHVISION_ARCHS` only if the Mask R-CNN module has those options.
+has no MobileNetV3 encoder, and LR-ASPP is no pixelwise architecture).
 """
 from __future__ import annotations
 
@@ -79,7 +81,7 @@ __all__ = [
 ]
 
 _RESNET = r"(?:conv1|bn1|layer[1-4])\..+"
-_Rules = list[tuple[str, str]]
+_Rules = list[tuple[str, "str | Callable[[re.Match[str]], str]"]]
 
 _SEMANTIC_COMMON: _Rules = [
     (rf"^backbone\.({_RESNET})$", r"encoder.\1"),
@@ -95,14 +97,23 @@ _DEEPLAB_RULES: _Rules = [
     (r"^classifier\.([12])\.(.+)$", lambda m: f"head.1.{int(m.group(1)) - 1}.{m.group(2)}"),
     (r"^classifier\.4\.(.+)$", r"head.2.\1"),
 ]
-_MASKRCNN_RULES: _Rules = [
-    (rf"^backbone\.body\.({_RESNET})$", r"backbone.encoder.\1"),
-    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.lateral.\1.\2"),
-    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.output.\1.\2"),
+_MASKRCNN_COMMON: _Rules = [
     (r"^rpn\.head\.conv\.(weight|bias)$", r"rpn.head.conv.0.0.\1"),
     (r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(.+)$",
      lambda m: f"roi_heads.mask_head.{int(m.group(1)) - 1}.0.{m.group(2)}"),
     (r"^((?:rpn|roi_heads)\..+)$", r"\1"),
+]
+_MASKRCNN_RULES: _Rules = [
+    (rf"^backbone\.body\.({_RESNET})$", r"backbone.encoder.\1"),
+    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.lateral.\1.\2"),
+    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.(?:0\.)?(weight|bias)$", r"backbone.fpn.output.\1.\2"),
+    *_MASKRCNN_COMMON,
+]
+_MASKRCNN_V2_RULES: _Rules = [
+    (rf"^backbone\.body\.({_RESNET})$", r"backbone.encoder.\1"),
+    (r"^backbone\.fpn\.inner_blocks\.(\d+)\.([01]\..+)$", r"backbone.fpn.lateral.\1.\2"),
+    (r"^backbone\.fpn\.layer_blocks\.(\d+)\.([01]\..+)$", r"backbone.fpn.output.\1.\2"),
+    *_MASKRCNN_COMMON,
 ]
 
 
@@ -130,6 +141,10 @@ TORCHVISION_ARCHS: dict[str, _Arch] = {
     "maskrcnn_resnet50_fpn": _Arch("maskrcnn", "instance",
                                    {"backbone": "resnet50", "aligned": False},
                                    _MASKRCNN_RULES, "roi_heads.box_predictor.cls_score.weight"),
+    "maskrcnn_resnet50_fpn_v2": _Arch("maskrcnn", "instance",
+                                      {"backbone": "resnet50", "aligned": False, "fpn_norm": True,
+                                       "rpn_conv_depth": 2, "box_head_convs": 4, "head_norm": True},
+                                      _MASKRCNN_V2_RULES, "roi_heads.box_predictor.cls_score.weight"),
 }
 """torchvision architecture name -> the pixelwise model and options that reproduce it."""
 
@@ -277,7 +292,7 @@ def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str
         # torchvision freezes BN (FrozenBatchNorm2d: no counters) exactly when it loads
         # pretrained weights; follow the file so the numerics are torchvision's
         frozen = not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in sd)
-        kwargs.update(frozen_bn=frozen, trainable_stages=3 if frozen else 5)
+        kwargs.update(frozen_bn=frozen, trainable_stages=3)
     kwargs.update(options)
     try:
         model = build_model(a.model, num_classes, **kwargs)
