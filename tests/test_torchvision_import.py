@@ -326,3 +326,60 @@ def test_maskrcnn_v2_detections_equal_torchvision():
         assert _max_diff(ref[key], got[key]) <= TOL, key
     with pytest.raises(CheckpointError, match="not a torchvision maskrcnn_resnet50_fpn state dict"):
         pixelwise.from_torchvision("maskrcnn_resnet50_fpn", tv.state_dict())
+
+
+def test_other_class_count_keeps_all_but_the_class_layers():
+    """Fine-tuning on 3 classes from a 5-class file: every weight but the class-dependent
+    last layers is torchvision's; those are freshly initialised with the new shape."""
+    tv = _ref("deeplabv3_resnet50")
+    model = pixelwise.from_torchvision("deeplabv3_resnet50", tv.state_dict(), num_classes=3)
+    assert model.pixelwise_spec["num_classes"] == 3
+    mapped, _ = map_torchvision_keys("deeplabv3_resnet50", tv.state_dict())
+    own = model.state_dict()
+    fresh = {"head.2.weight", "head.2.bias", "aux_head.4.weight", "aux_head.4.bias"}
+    assert all(own[k].shape[0] == 3 for k in fresh)
+    assert all(torch.equal(own[k], v) for k, v in mapped.items() if k not in fresh)
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():  # the features feeding the new classifier are torchvision's
+        ref = torch.nn.Sequential(*list(tv.classifier)[:4])(tv.backbone(x)["out"])
+        got = torch.nn.Sequential(*list(model.head)[:2])(model.encoder(x)[4])
+        assert _max_diff(ref, got) <= TOL
+
+    conv = convert_torchvision("maskrcnn_resnet50_fpn", _tv_maskrcnn(True).state_dict(), num_classes=2)
+    assert conv.model.roi_heads.box_predictor.cls_score.out_features == 2
+    assert conv.model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 2
+    assert conv.extras == {"category_ids": [0, 1]} and len(conv.classes) == 2
+
+
+def _measure() -> None:
+    """Print the max abs differences per architecture (the figures of the issue's closing note)."""
+    x = torch.randn(2, 3, 67, 85, generator=torch.Generator().manual_seed(2))
+    for arch in ("fcn_resnet50", "fcn_resnet101", "deeplabv3_resnet50", "deeplabv3_resnet101"):
+        tv = _ref(arch)
+        model = pixelwise.from_torchvision(arch, tv.state_dict())
+        with torch.no_grad():
+            ref, got = tv(x), model.forward_dict(x)
+        print(f"{arch:28s} out {_max_diff(ref['out'], got['out']):.3g}  aux {_max_diff(ref['aux'], got['aux']):.3g}"
+              f"  (|out| max {ref['out'].abs().max().item():.3g})")
+    img = torch.rand(3, 150, 190, generator=torch.Generator().manual_seed(3))
+    builds = {
+        "maskrcnn_resnet50_fpn (frozen BN)": ("maskrcnn_resnet50_fpn", lambda kw: _tv_maskrcnn(True, **kw)),
+        "maskrcnn_resnet50_fpn (BN)": ("maskrcnn_resnet50_fpn", lambda kw: _tv_maskrcnn(False, **kw)),
+        "maskrcnn_resnet50_fpn_v2": ("maskrcnn_resnet50_fpn_v2", lambda kw: _randomise_bn(
+            tvdet.maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=4, **kw))),
+    }
+    for label, (arch, build) in builds.items():
+        for size in ((800, 1333), (160, 256)):
+            kw = dict(min_size=size[0], max_size=size[1])
+            tv = build(kw)
+            with torch.no_grad():
+                tv.roi_heads.box_predictor.cls_score.bias[0] -= 5
+            model = pixelwise.from_torchvision(arch, tv.state_dict(), **kw)
+            with torch.no_grad():
+                ref, got = tv([img])[0], model([(img - MEAN) / STD])[0]
+            diffs = "  ".join(f"{k} {_max_diff(ref[k], got[k]):.3g}" for k in ("boxes", "labels", "scores", "masks"))
+            print(f"{label:34s} min_size {size[0]:4d}: {len(ref['boxes'])} detections  {diffs}")
+
+
+if __name__ == "__main__":
+    _measure()

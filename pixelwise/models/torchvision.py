@@ -124,27 +124,31 @@ class _Arch:
     kwargs: dict[str, Any]
     rules: _Rules
     classifier_key: str  # its first dimension is num_classes
+    class_layers: tuple[str, ...]  # torchvision prefixes of the layers whose shape depends on the classes
     aux: bool = False  # whether the presence of aux_classifier.* sets aux=True
 
 
 _SEG_DILATED = {"output_stride": 8, "dilation_style": "torchvision"}
+_SEG_CLASS_LAYERS = ("classifier.4.", "aux_classifier.4.")
+_DET_CLASS_LAYERS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+_DET_CLASSES = "roi_heads.box_predictor.cls_score.weight"
 
 TORCHVISION_ARCHS: dict[str, _Arch] = {
     "fcn_resnet50": _Arch("fcn32s", "semantic", {"backbone": "resnet50", "head": "torchvision", **_SEG_DILATED},
-                          _FCN_RULES, "classifier.4.weight", aux=True),
+                          _FCN_RULES, "classifier.4.weight", _SEG_CLASS_LAYERS, aux=True),
     "fcn_resnet101": _Arch("fcn32s", "semantic", {"backbone": "resnet101", "head": "torchvision", **_SEG_DILATED},
-                           _FCN_RULES, "classifier.4.weight", aux=True),
+                           _FCN_RULES, "classifier.4.weight", _SEG_CLASS_LAYERS, aux=True),
     "deeplabv3_resnet50": _Arch("deeplabv3", "semantic", {"backbone": "resnet50", **_SEG_DILATED},
-                                _DEEPLAB_RULES, "classifier.4.weight", aux=True),
+                                _DEEPLAB_RULES, "classifier.4.weight", _SEG_CLASS_LAYERS, aux=True),
     "deeplabv3_resnet101": _Arch("deeplabv3", "semantic", {"backbone": "resnet101", **_SEG_DILATED},
-                                 _DEEPLAB_RULES, "classifier.4.weight", aux=True),
+                                 _DEEPLAB_RULES, "classifier.4.weight", _SEG_CLASS_LAYERS, aux=True),
     "maskrcnn_resnet50_fpn": _Arch("maskrcnn", "instance",
                                    {"backbone": "resnet50", "aligned": False},
-                                   _MASKRCNN_RULES, "roi_heads.box_predictor.cls_score.weight"),
+                                   _MASKRCNN_RULES, _DET_CLASSES, _DET_CLASS_LAYERS),
     "maskrcnn_resnet50_fpn_v2": _Arch("maskrcnn", "instance",
                                       {"backbone": "resnet50", "aligned": False, "fpn_norm": True,
                                        "rpn_conv_depth": 2, "box_head_convs": 4, "head_norm": True},
-                                      _MASKRCNN_V2_RULES, "roi_heads.box_predictor.cls_score.weight"),
+                                      _MASKRCNN_V2_RULES, _DET_CLASSES, _DET_CLASS_LAYERS),
 }
 """torchvision architecture name -> the pixelwise model and options that reproduce it."""
 
@@ -196,6 +200,14 @@ def _read_state_dict(weights: str | os.PathLike[str] | Mapping[str, torch.Tensor
     return sd, source
 
 
+def _rename(rules: _Rules, key: str) -> str | None:
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return None
+
+
 def map_torchvision_keys(arch: str, state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Rename torchvision ``arch`` keys to pixelwise's (module docstring table).
 
@@ -205,13 +217,11 @@ def map_torchvision_keys(arch: str, state_dict: Mapping[str, torch.Tensor]) -> t
     out: dict[str, torch.Tensor] = {}
     unmatched: list[str] = []
     for key, value in state_dict.items():
-        for pattern, repl in rules:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
+        new = _rename(rules, key)
+        if new is None:
             unmatched.append(key)
+        else:
+            out[new] = value
     return out, unmatched
 
 
@@ -220,12 +230,13 @@ def _short(keys: list[str], limit: int = 8) -> str:
 
 
 def _load_strict(model: nn.Module, sd: dict[str, torch.Tensor], unmatched: list[str], source: str,
-                 arch: str, key_of: Callable[[str], str]) -> None:
+                 arch: str, key_of: Callable[[str], str], keep: set[str] = frozenset()) -> None:
     """Strict load; one line naming every missing, unexpected and mis-shaped key (in
-    torchvision's names where the key came from the file)."""
+    torchvision's names where the key came from the file). Keys in ``keep`` keep the
+    model's own (freshly initialised) values."""
     own = model.state_dict()
     optional = "num_batches_tracked"
-    missing = [k for k in own if k not in sd and not k.endswith(optional)]
+    missing = [k for k in own if k not in sd and k not in keep and not k.endswith(optional)]
     unexpected = unmatched + [key_of(k) for k in sd if k not in own and not k.endswith(optional)]
     mismatched = [f"{key_of(k)} (file {tuple(sd[k].shape)}, model {tuple(own[k].shape)})"
                   for k in own if k in sd and sd[k].shape != own[k].shape]
@@ -263,12 +274,16 @@ def _class_dicts(arch: _Arch, num_classes: int) -> list[dict[str, Any]]:
 
 
 def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-                        **options: Any) -> TorchvisionConversion:
+                        num_classes: int | None = None, **options: Any) -> TorchvisionConversion:
     """Build the pixelwise model for torchvision ``arch`` and load ``weights`` (a ``.pth``
     state dict file, read with ``weights_only=True``, or a state dict) into it.
 
     The class count comes from the file; classes get VOC (21) / COCO (91) names when the
-    count matches torchvision's pretrained heads, else ``class_<i>``. ``options`` override
+    count matches torchvision's pretrained heads, else ``class_<i>``. ``num_classes`` (for
+    fine-tuning on other classes; Mask R-CNN counts the background) different from the
+    file's leaves the class-dependent last layers (semantic: the last 1x1 conv of the head
+    and aux head; Mask R-CNN: the box predictor and the mask logits conv) at their fresh
+    initialisation and loads everything else. ``options`` override
     model options (e.g. ``min_size=512`` or ``box_score_thresh=0.5`` for Mask R-CNN); they
     go into the spec like any other. For the CLI
     (``pixelwise convert torchvision ARCH WEIGHTS --out DIR``): save
@@ -284,7 +299,12 @@ def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str
     if w is None:
         raise CheckpointError(f"{source}: not a torchvision {arch} state dict: no {a.classifier_key!r} "
                               f"(keys start with {_short(sorted({k.split('.')[0] for k in sd}), 5) or 'nothing'})")
-    num_classes = int(w.shape[0])
+    file_classes = int(w.shape[0])
+    num_classes = file_classes if num_classes is None else int(num_classes)
+    dropped: dict[str, torch.Tensor] = {}
+    if num_classes != file_classes:
+        dropped = {k: v for k, v in sd.items() if k.startswith(a.class_layers)}
+        sd = {k: v for k, v in sd.items() if k not in dropped}
     kwargs = dict(a.kwargs)
     if a.aux:
         kwargs["aux"] = any(k.startswith("aux_classifier.") for k in sd)
@@ -299,11 +319,9 @@ def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str
     except ValueError as exc:  # e.g. a class count the model refuses
         raise CheckpointError(f"{source}: cannot build pixelwise {a.model} for {arch}: {exc}") from exc
     renamed, unmatched = map_torchvision_keys(arch, sd)
-    back = {}
-    for k in sd:
-        new, _ = map_torchvision_keys(arch, {k: sd[k]})
-        back.update({n: k for n in new})
-    _load_strict(model, renamed, unmatched, source, arch, lambda k: back.get(k, k))
+    back = {_rename(a.rules, k): k for k in sd}
+    keep = set(map_torchvision_keys(arch, dropped)[0])
+    _load_strict(model, renamed, unmatched, source, arch, lambda k: back.get(k, k), keep)
     model.eval()
     from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -316,9 +334,9 @@ def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str
 
 
 def from_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str, torch.Tensor],
-                     **options: Any) -> nn.Module:
+                     num_classes: int | None = None, **options: Any) -> nn.Module:
     """The pixelwise model (eval mode) equal to torchvision ``arch`` with ``weights`` (a
-    state dict file or a state dict); ``options`` override model options. See
-    :func:`convert_torchvision` and the module docstring for what is supported and how
-    inputs are normalised."""
-    return convert_torchvision(arch, weights, **options).model
+    state dict file or a state dict); ``num_classes`` to fine-tune on other classes (fresh
+    last layers), ``options`` override model options. See :func:`convert_torchvision` and
+    the module docstring for what is supported and how inputs are normalised."""
+    return convert_torchvision(arch, weights, num_classes, **options).model
