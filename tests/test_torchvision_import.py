@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from torchvision.models import segmentation as tvseg
 from torchvision.models import detection as tvdet
+from torchvision.models import segmentation as tvseg
 from torchvision.models.detection import MaskRCNN, maskrcnn_resnet50_fpn
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -21,7 +21,11 @@ import pixelwise
 from pixelwise.errors import CheckpointError, PixelwiseError
 from pixelwise.models.backbones.resnet import ResNetEncoder
 from pixelwise.models.registry import build_model
-from pixelwise.models.torchvision import TORCHVISION_ARCHS, convert_torchvision, map_torchvision_keys
+from pixelwise.models.torchvision import (
+    TORCHVISION_ARCHS,
+    convert_torchvision,
+    map_torchvision_keys,
+)
 
 TOL = 1e-4
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -129,7 +133,11 @@ def test_torchvision_dilation_rates_are_torchvisions():
 
 
 def test_converted_model_trains_and_its_spec_rebuilds_it(tmp_path):
-    from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from pixelwise.engine.checkpoint import (
+        load_checkpoint,
+        model_from_checkpoint,
+        save_checkpoint,
+    )
     from pixelwise.losses import build_loss
 
     conv = convert_torchvision("fcn_resnet50", _ref("fcn_resnet50").state_dict())
@@ -370,7 +378,7 @@ def _measure() -> None:
     }
     for label, (arch, build) in builds.items():
         for size in ((800, 1333), (160, 256)):
-            kw = dict(min_size=size[0], max_size=size[1])
+            kw = {"min_size": size[0], "max_size": size[1]}
             tv = build(kw)
             with torch.no_grad():
                 tv.roi_heads.box_predictor.cls_score.bias[0] -= 5

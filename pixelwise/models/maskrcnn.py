@@ -48,13 +48,16 @@ import torch
 import torch.nn as nn
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.ops.misc import Conv2dNormActivation
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align, roi_pool
+from torchvision.ops.misc import Conv2dNormActivation
 
 from pixelwise.models.backbones import build_encoder
 from pixelwise.models.fpn import EncoderFPN
