@@ -391,3 +391,22 @@ def _measure() -> None:
 
 if __name__ == "__main__":
     _measure()
+
+
+def test_new_model_options_on_other_backbones_and_their_errors():
+    """``aux`` works on any FCN / DeepLab v3; the torchvision options refuse what they cannot do."""
+    m = build_model("fcn8s", 3, width=0.125, backbone="vgg16_bn", aux=True).train()
+    out = m(torch.randn(2, 3, 64, 48))
+    assert set(out) == {"out", "aux"} and out["aux"].shape == (2, 3, 64, 48)
+    assert isinstance(m.eval()(torch.randn(1, 3, 64, 48)), torch.Tensor)
+    d = build_model("deeplabv3", 3, backbone="resnet18", aspp_channels=16, aux=True, dilation_style="torchvision")
+    assert d.encoder.layer4[0].conv1.dilation == (1, 1) and d.encoder.layer4[1].conv1.dilation == (2, 2)
+    assert set(d.train()(torch.randn(2, 3, 40, 40))) == {"out", "aux"}
+    with pytest.raises(ValueError, match="use fcn32s"):
+        build_model("fcn8s", 3, backbone="resnet18", head="torchvision")
+    with pytest.raises(ValueError, match="resnet\\* backbones only"):
+        build_model("fcn32s", 3, width=0.125, head="torchvision", output_stride=32, dilation_style="torchvision")
+    with pytest.raises(ValueError, match="output_stride=32"):
+        build_model("fcn8s", 3, backbone="resnet18", output_stride=8)
+    with pytest.raises(ValueError, match="dilation_style must be"):
+        build_model("deeplabv3", 3, backbone="resnet18", dilation_style="caffe")
