@@ -1,14 +1,18 @@
 """Pictures people look at: colour label maps, overlays, confusion matrices, curves."""
 from __future__ import annotations
 
+import colorsys
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 __all__ = ["colorize", "overlay", "label_boundaries", "comparison_grid", "save_confusion_matrix", "save_curves",
-           "save_per_class_bars", "titled_grid", "draw_labelled_masks"]
+           "save_per_class_bars", "titled_grid", "draw_labelled_masks",
+           "instance_colors", "draw_instances", "segment_colors", "draw_panoptic",
+           "panel_scale", "fit_panel", "fit_masks", "fit_ids", "GRID_SIDE"]
 
 from pixelwise.data.classes import IGNORE_COLOR  # VOC's colour for the 'void' border
 
@@ -191,3 +195,126 @@ def _save_fig(fig, path, plt, atomic_write_bytes) -> Path:
     plt.close(fig)
     atomic_write_bytes(Path(path), buf.getvalue())
     return Path(path)
+
+
+def instance_colors(n: int, seed: int = 0) -> list[tuple[int, int, int]]:
+    """``n`` well-separated saturated colours (golden-ratio hue steps)."""
+    out = []
+    for i in range(n):
+        h = (seed * 0.1 + i * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(h, 0.85, 0.95)
+        out.append((int(r * 255), int(g * 255), int(b * 255)))
+    return out
+
+
+def draw_instances(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, labels: Iterable[int],
+                   scores: Iterable[float], class_names: list[str], alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): each instance's mask blended in its own colour, its box outlined and
+    ``"class 0.93"`` written at the box's top-left corner."""
+    from PIL import Image, ImageDraw
+
+    rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, 2)
+    canvas = rgb.astype(np.float32).copy()
+    labels, scores = list(labels), list(scores)
+    colors = instance_colors(len(labels))
+    for m, c in zip(masks, colors):
+        canvas[m] = (1 - alpha) * canvas[m] + alpha * np.array(c, np.float32)
+    pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(pil)
+    for box, lab, sc, c in zip(boxes, labels, scores, colors):
+        x1, y1, x2, y2 = [float(v) for v in box]
+        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=c, width=1)
+        text = f"{class_names[lab] if 0 <= lab < len(class_names) else lab} {sc:.2f}"
+        tb = draw.textbbox((x1, y1), text)
+        ty = y1 - (tb[3] - tb[1]) - 2 if y1 - (tb[3] - tb[1]) - 2 >= 0 else y1
+        tb = draw.textbbox((x1 + 1, ty), text)
+        draw.rectangle(tb, fill=c)
+        draw.text((x1 + 1, ty), text, fill=(0, 0, 0) if sum(c) > 380 else (255, 255, 255))
+    return np.asarray(pil)
+
+
+def segment_colors(segments: Sequence[Mapping[str, Any]], categories: Sequence[Mapping[str, Any]]) -> list[tuple]:
+    """One distinct colour per segment: a stuff segment keeps its category's colour (unless
+    an earlier segment has it), things get well-separated hues (golden-ratio steps)."""
+    cat_color = {int(c["id"]): tuple(int(v) for v in c.get("color", ())) for c in categories}
+    used: set[tuple] = set()
+    out = []
+    k = 0
+
+    def next_hue() -> tuple:
+        nonlocal k
+        while True:
+            h = (k * 0.618033988749895) % 1.0
+            sat = 0.85 if (k // 7) % 2 == 0 else 0.6
+            k += 1
+            r, g, b = colorsys.hsv_to_rgb(h, sat, 0.95)
+            c = (int(r * 255), int(g * 255), int(b * 255))
+            if c not in used:
+                return c
+
+    for s in segments:
+        c = cat_color.get(int(s["category_id"])) if not s.get("isthing") else None
+        if not c or len(c) != 3 or c in used:
+            c = next_hue()
+        used.add(c)
+        out.append(c)
+    return out
+
+
+def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments: Sequence[Mapping[str, Any]],
+                  categories: Sequence[Mapping[str, Any]], alpha: float = 0.5) -> np.ndarray:
+    """uint8 (H, W, 3): every segment blended in its own colour (:func:`segment_colors`) and
+    outlined; things labelled ``"{class} {segment id}"`` at the top-left of their box. VOID
+    pixels keep the image."""
+    names = {int(c["id"]): c["name"] for c in categories}
+    masks = np.stack([id_map == int(s["id"]) for s in segments]) if segments else np.zeros((0, *id_map.shape), bool)
+    texts = [f"{names.get(int(s['category_id']), s['category_id'])} {s['id']}" if s.get("isthing") else ""
+             for s in segments]
+    rgb = image if image.ndim == 3 else image[:, :, None]
+    if rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, 2)
+    return draw_labelled_masks(rgb, masks, texts, segment_colors(segments, categories), alpha)
+
+
+#: longest side of a report grid panel (smaller images are enlarged by a whole factor)
+GRID_SIDE = 256
+
+
+def panel_scale(h: int, w: int, side: int = GRID_SIDE) -> float:
+    """The factor that brings an image's longest side to at most ``side``; images under
+    ``side / 2`` are enlarged by a whole factor (pixel replication) to stay legible."""
+    n = max(h, w, 1)
+    if n > side:
+        return side / n
+    return float(side // n) if n < side // 2 else 1.0
+
+
+def fit_panel(panel: np.ndarray, side: int = GRID_SIDE, nearest: bool = False) -> np.ndarray:
+    """A (H, W, 3) uint8 panel scaled by :func:`panel_scale` (nearest for label colours)."""
+    from PIL import Image
+
+    h, w = panel.shape[:2]
+    s = panel_scale(h, w, side)
+    if s == 1.0:
+        return panel
+    if s > 1:
+        k = int(s)
+        return np.repeat(np.repeat(panel, k, axis=0), k, axis=1)
+    size = (max(1, round(w * s)), max(1, round(h * s)))
+    return np.asarray(Image.fromarray(panel).resize(size, Image.NEAREST if nearest else Image.BILINEAR))
+
+
+def fit_masks(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """(K, H, W) bool masks resized (nearest) to ``hw``."""
+    if masks.shape[1:] == tuple(hw) or len(masks) == 0:
+        return masks.reshape(len(masks), *hw) if len(masks) == 0 else masks
+    t = torch.from_numpy(masks.astype(np.uint8))[None].float()
+    return torch.nn.functional.interpolate(t, size=hw, mode="nearest")[0].numpy() > 0.5
+
+
+def fit_ids(id_map: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """An (H, W) id map resized (nearest) to ``hw``."""
+    if id_map.shape == tuple(hw):
+        return id_map
+    t = torch.from_numpy(id_map.astype(np.float64))[None, None]
+    return torch.nn.functional.interpolate(t, size=hw, mode="nearest")[0, 0].numpy().astype(id_map.dtype)

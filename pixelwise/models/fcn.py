@@ -28,7 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.models.backbones import build_encoder
+from pixelwise.models.backbones import build_encoder, load_weights_file
+from pixelwise.models.backbones.vgg import load_fc6_fc7
 from pixelwise.models.registry import register_model
 
 __all__ = ["FCN", "FCNHead", "TorchvisionFCNHead", "BilinearUpsampler", "bilinear_kernel"]
@@ -108,6 +109,12 @@ class FCN(nn.Module):
             smaller widths train on a CPU.
         learn_final_upsampler: the paper keeps the last (x8/x16/x32) upsampler fixed to
             bilinear and learns the intermediate x2 ones; set True to learn it too.
+        fc_channels: width of fc6/fc7; ``None`` = ``4096 * width`` (the paper's 4096).
+        weights_path (in ``encoder_kwargs``): a torchvision ImageNet ``vgg16``/``vgg16_bn``
+            state dict file: its ``features`` go to the encoder and, as in the paper (§3.1),
+            its fully connected fc6/fc7 are cast into the fc6 (7x7) and fc7 (1x1) convs
+            (:func:`~pixelwise.models.backbones.vgg.load_fc6_fc7`; at a reduced fc width a
+            one-line warning says they cannot be converted).
         dropout: of fc6/fc7 (paper head, default 0.5) or of the torchvision head (0.1).
         head: ``"paper"`` (fc6/fc7/score, skip fusion, learned upsampling) or
             ``"torchvision"`` (:class:`TorchvisionFCNHead` on c5, bilinear interpolation;
@@ -129,6 +136,7 @@ class FCN(nn.Module):
         in_channels: int = 3,
         learn_final_upsampler: bool = False,
         dropout: float | None = None,
+        fc_channels: int | None = None,
         head: str = "paper",
         output_stride: int | None = None,
         dilation_style: str = "all",
@@ -146,8 +154,10 @@ class FCN(nn.Module):
             output_stride = 8 if head == "torchvision" else 32
         if head == "paper" and output_stride != 32:
             raise ValueError("FCN's paper head needs output_stride=32 (features at strides 8, 16, 32)")
+        vgg_weights = None
         if backbone.startswith("vgg"):
             encoder_kwargs["width"] = width
+            vgg_weights = encoder_kwargs.pop("weights_path", None)  # read once: features AND fc6/fc7
         elif width != 1.0:
             raise ValueError("FCN 'width' applies to VGG backbones only")
         self.encoder = build_encoder(backbone, in_channels=in_channels, output_stride=output_stride,
@@ -161,12 +171,20 @@ class FCN(nn.Module):
         ch = self.encoder.out_channels
         self.stride = stride
         self.head_type = head
-        self.aux_head = TorchvisionFCNHead(ch[3], num_classes, 0.1 if dropout is None else dropout) if aux else None
         if head == "torchvision":
             self.head = TorchvisionFCNHead(ch[4], num_classes, 0.1 if dropout is None else dropout)
-            return
-        dropout = 0.5 if dropout is None else dropout
-        self.head = FCNHead(ch[4], num_classes, max(1, int(round(4096 * width))), dropout)
+        else:
+            fc = max(1, int(round(4096 * width))) if fc_channels is None else int(fc_channels)
+            self.head = FCNHead(ch[4], num_classes, fc, 0.5 if dropout is None else dropout)
+            self._build_skips(ch, num_classes, stride, learn_final_upsampler)
+        self.aux_head = TorchvisionFCNHead(ch[3], num_classes, 0.1 if dropout is None else dropout) if aux else None
+        if vgg_weights is not None:  # after every layer is built: the random init draws as without weights
+            state_dict = load_weights_file(vgg_weights)
+            self.encoder.load_torchvision_state_dict(state_dict, source=str(vgg_weights))
+            if head == "paper":
+                load_fc6_fc7(self.head[0], self.head[3], state_dict, source=str(vgg_weights))
+
+    def _build_skips(self, ch: tuple[int, ...], num_classes: int, stride: int, learn_final_upsampler: bool) -> None:
         if stride <= 16:
             self.score_pool4 = _zero_conv1x1(ch[3], num_classes)
             self.up_pool5 = BilinearUpsampler(num_classes, 2)
