@@ -410,3 +410,29 @@ def test_new_model_options_on_other_backbones_and_their_errors():
         build_model("fcn8s", 3, backbone="resnet18", output_stride=8)
     with pytest.raises(ValueError, match="dilation_style must be"):
         build_model("deeplabv3", 3, backbone="resnet18", dilation_style="caffe")
+
+
+def test_maskrcnn_exports_to_onnx_with_equal_detections(tmp_path):
+    """Exported like any pixelwise Mask R-CNN; the graph must not keep the example image's
+    RoI count per FPN level (it did: onnxruntime failed on other images)."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from pixelwise.export import export_onnx, open_onnx
+
+    tv = _tv_maskrcnn(False, num_classes=91, min_size=200, max_size=333)
+    with torch.no_grad():
+        tv.roi_heads.box_predictor.cls_score.bias[0] -= 5
+    model = pixelwise.from_torchvision("maskrcnn_resnet50_fpn", tv.state_dict(), min_size=200, max_size=333)
+    seg = open_onnx(export_onnx(model, tmp_path / "mr.onnx", dynamic=True, size=512))  # the CLI default
+    for seed, (h, w) in enumerate([(90, 120), (150, 110)]):
+        x = torch.rand(3, h, w, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            ref = tv([x])[0]
+        got = seg.outputs(((x - MEAN) / STD).numpy())
+        assert len(ref["boxes"]) >= 20 and len(got["boxes"]) == len(ref["boxes"])
+        # folded BN and other kernels reorder near-tied scores: match each of the 50 best
+        # torch detections to an ONNX one of the same label (boxes to 1e-2 px)
+        boxes, labels = torch.from_numpy(got["boxes"]), torch.from_numpy(got["labels"]).long()
+        for box, label in zip(ref["boxes"][:50], ref["labels"][:50]):
+            dist = (boxes - box).abs().amax(dim=1) + 1e9 * (labels != label)
+            assert dist.min().item() <= 1e-2

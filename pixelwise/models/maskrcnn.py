@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torchvision
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import (
@@ -59,6 +60,7 @@ from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align, roi_pool
 from torchvision.ops.misc import Conv2dNormActivation
+from torchvision.ops.poolers import _onnx_merge_levels
 
 from pixelwise.models.backbones import build_encoder
 from pixelwise.models.fpn import EncoderFPN
@@ -217,6 +219,13 @@ class MultiScaleRoIPooler(MultiScaleRoIAlign):
             return self.pool_level(feats[0], rois, scales[0])
         k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
         levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, self.canonical_scale, self.canonical_level) - k_min
+        if torchvision._is_tracing():
+            # ONNX export: every level is pooled (empty ones too) and scattered back, as
+            # torchvision's poolers do; `if idx.numel()` and `out[idx] =` would freeze the
+            # example image's RoI counts per level into the graph
+            pooled = [self.pool_level(feat, rois[torch.where(levels == lvl)[0]], scale).to(feats[0].dtype)
+                      for lvl, (feat, scale) in enumerate(zip(feats, scales))]
+            return _onnx_merge_levels(levels, pooled)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
         for lvl, (feat, scale) in enumerate(zip(feats, scales)):
             idx = torch.nonzero(levels == lvl).flatten()
