@@ -140,10 +140,32 @@ def _pictures(task: Task, model: torch.nn.Module, ds: Any, device: torch.device)
         return [task.picture(model, ds, i, device) for i in range(min(TENSORBOARD_IMAGES, len(ds)))]
 
 
-def fit(cfg: TrainConfig) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records."""
+#: the files that say a folder holds a training run
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse to start a fresh run in a folder that holds another one, unless told to (``overwrite``)."""
+    out = Path(cfg.out)
+    if cfg.resume or cfg.overwrite or not out.is_dir():
+        return
+    found = [n for n in RUN_FILES if (out / n).exists()] + [p.name for _, p in step_checkpoints(out)][:1]
+    if found:
+        raise PixelwiseError(f"{out}: holds a training run ({', '.join(found)}); pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+
+
+def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes: Any = None,
+        transform: Any = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records.
+
+    Or on your own map-style datasets of (image, mask) pairs (semantic models,
+    :mod:`pixelwise.data.user`): ``train_data`` and ``val_data`` (default: ``cfg.val_fraction``
+    of ``train_data`` held out, seeded), ``classes`` (names, index = mask value) and an optional
+    joint ``transform`` that replaces pixelwise's own augmentation."""
     task = task_for_model(cfg.model)
     task.check_config(cfg, TrainConfig())
+    check_run_folder(cfg)
     device, out, norm = start_run(cfg, distributed=True)
     main = dist.is_main()  # rank 0: the one process that prints and writes files
     report_to = out / "skipped_samples.json" if main else None  # bad samples left out, listed per split
@@ -153,8 +175,21 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                        **task.data_options(cfg.to_dict()))
         return apply_skip_bad(ds, cfg.skip_bad_samples, split, cfg.data, report_to, quiet=not main)
 
-    train_base = opened(cfg.train_split, None, **task.open_training(cfg))
-    val_ds = opened(cfg.val_split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]))
+    eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
+    if train_data is None:
+        train_base = opened(cfg.train_split, None, **task.open_training(cfg))
+        val_ds = opened(cfg.val_split, eval_tf)
+    else:  # the user's own datasets
+        from pixelwise.data.user import split_indices
+
+        if val_data is None:
+            train_idx, val_idx = split_indices(len(train_data), cfg.val_fraction)
+            train_base, val_ds = (task.wrap_dataset(train_data, classes, transform, cfg.image_mode, train_idx),
+                                  task.wrap_dataset(train_data, classes, None, cfg.image_mode, val_idx))
+        else:
+            train_base = task.wrap_dataset(train_data, classes, transform, cfg.image_mode)
+            val_ds = task.wrap_dataset(val_data, classes or train_base.classes, None, cfg.image_mode)
+        val_ds.transforms = eval_tf
     classes, extras = train_base.classes, task.checkpoint_extras(train_base)
     if task.checkpoint_extras(val_ds) != extras:
         raise DataError(getattr(val_ds, "annotation_file", cfg.data),
