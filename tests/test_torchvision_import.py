@@ -436,3 +436,22 @@ def test_maskrcnn_exports_to_onnx_with_equal_detections(tmp_path):
         for box, label in zip(ref["boxes"][:50], ref["labels"][:50]):
             dist = (boxes - box).abs().amax(dim=1) + 1e9 * (labels != label)
             assert dist.min().item() <= 1e-2
+
+
+def test_pretrained_folder_loads_and_predicts_like_torchvision(tmp_path):
+    """What `pixelwise convert torchvision ARCH WEIGHTS --out DIR` writes: a pretrained folder
+    (safetensors + config.json) that `pixelwise.load(DIR).predict(image)` runs."""
+    import numpy as np
+
+    from pixelwise.api import Segmenter
+
+    tv = _ref("deeplabv3_resnet50")
+    conv = convert_torchvision("deeplabv3_resnet50", tv.state_dict())
+    assert "state_dict" not in conv.info() and conv.checkpoint().keys() == {*conv.info(), "state_dict"}
+    Segmenter(conv.model, conv.info()).save_pretrained(tmp_path / "pre")
+    image = (np.random.RandomState(0).rand(45, 61, 3) * 255).astype(np.uint8)
+    labels = pixelwise.load(tmp_path / "pre").predict(image).labels
+    x = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - MEAN) / STD
+    with torch.no_grad():
+        ref = tv(x[None])["out"][0].argmax(0).numpy()
+    assert labels.shape == (45, 61) and (labels == ref).mean() == 1.0

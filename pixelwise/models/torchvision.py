@@ -176,11 +176,16 @@ class TorchvisionConversion:
     normalization: dict[str, Any]
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def info(self) -> dict[str, Any]:
+        """The checkpoint entries that describe the model (no weights): ``model`` (spec),
+        ``classes``, ``normalization``, ``task`` and the extras. A pretrained folder is
+        ``pixelwise.api.Segmenter(conv.model, conv.info()).save_pretrained(dir)``."""
+        return {"model": self.spec, "classes": self.classes, "normalization": self.normalization,
+                "task": self.task, **self.extras}
+
     def checkpoint(self) -> dict[str, Any]:
-        """A pixelwise checkpoint dict (``model``, ``state_dict``, ``classes``,
-        ``normalization``, ``task`` and the extras) for ``save_checkpoint``."""
-        return {"model": self.spec, "state_dict": self.model.state_dict(), "classes": self.classes,
-                "normalization": self.normalization, "task": self.task, **self.extras}
+        """A pixelwise checkpoint dict (:meth:`info` + ``state_dict``) for ``save_checkpoint``."""
+        return {**self.info(), "state_dict": self.model.state_dict()}
 
 
 def _arch(arch: str) -> _Arch:
@@ -292,8 +297,9 @@ def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str
     initialisation and loads everything else. ``options`` override
     model options (e.g. ``min_size=512`` or ``box_score_thresh=0.5`` for Mask R-CNN); they
     go into the spec like any other. For the CLI
-    (``pixelwise convert torchvision ARCH WEIGHTS --out DIR``): save
-    :meth:`TorchvisionConversion.checkpoint`.
+    (``pixelwise convert torchvision ARCH WEIGHTS --out DIR``):
+    ``Segmenter(conv.model, conv.info()).save_pretrained(DIR)`` writes the pretrained
+    folder; :meth:`TorchvisionConversion.checkpoint` is the checkpoint dict.
 
     Raises:
         CheckpointError: unknown ``arch``, unreadable file, or a state dict that does not fit
