@@ -55,11 +55,12 @@ models, returned in :attr:`TorchvisionConversion.normalization`). torchvision's 
 models take the same normalised image; its Mask R-CNN takes the raw [0, 1] image and
 normalises inside, so ``pixelwise_maskrcnn(normalize(x)) == torchvision_maskrcnn(x)``.
 
-Known, documented gaps of Mask R-CNN (none reachable at torchvision's 800/1333 resizing):
-pixelwise's RoI pooler derives a level's stride by rounding UP (torchvision: to the nearest
-power of two), which differs only for images padded by more than 41 % (e.g. ``min_size=0``
-on images under 76 px); its FPN level rule adds the 1e-6 inside the log, so a box whose
-sqrt(area) lies within 2e-6 (relative) below 112, 224 or 448 px may pool from the other level.
+Two known differences of Mask R-CNN remain: pixelwise's RoI pooler derives a level's
+stride by rounding UP (torchvision: to the nearest power of two), which differs only for
+images padded by more than 41 % (never at torchvision's 800/1333 resizing; e.g.
+``min_size=0`` on images under 76 px); and its FPN level rule adds the 1e-6 inside the log,
+so a box whose sqrt(area) lies within 2e-6 (relative) below 112, 224 or 448 px may pool
+from the neighbouring level.
 
 Not supported: ``deeplabv3_mobilenet_v3_large`` and ``lraspp_mobilenet_v3_large`` (pixelwise
 has no MobileNetV3 encoder, and LR-ASPP is no pixelwise architecture).
