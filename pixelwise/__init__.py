@@ -15,5 +15,6 @@ __version__ = "0.1.0"
 from pixelwise.api import Segmenter, load  # noqa: E402  (after __version__: the API reads it)
 from pixelwise.engine.train import train_on as train  # noqa: E402
 from pixelwise.models.registry import build_model, list_models  # noqa: E402
+from pixelwise.models.torchvision import from_torchvision  # noqa: E402
 
-__all__ = ["build_model", "list_models", "load", "Segmenter", "train", "__version__"]
+__all__ = ["build_model", "list_models", "load", "Segmenter", "train", "from_torchvision", "__version__"]
