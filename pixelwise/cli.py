@@ -101,6 +101,9 @@ def _add_train(sub) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", default=None,
                    help="replace the run already in OUT (without it, train refuses a folder holding a run)")
+    p.add_argument("--init-from", metavar="torchvision:ARCH:WEIGHTS",
+                   help="fine-tune from torchvision's weights on disk, e.g. torchvision:deeplabv3_resnet50:w.pth "
+                        "(class layers fresh when your data has other classes; see `pixelwise convert torchvision`)")
     p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=None,
                    help="size the run for this CPU (model width, crop, batch, length; printed in one line). Default: "
                         "on when neither --config nor any sizing flag (--model-arg, --epochs, --batch-size, "
@@ -118,7 +121,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         "model", "data", "out", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "loss",
         "class_weights", "crop_size", "elastic", "repeat", "image_mode", "time_limit", "num_workers", "seed",
         "device", "threads", "resume", "checkpoint_every", "keep_last", "deterministic", "skip_bad_samples",
-        "tensorboard", "val_fraction", "colors", "overwrite")}
+        "tensorboard", "val_fraction", "colors", "overwrite", "init_from")}
     cfg = load_config(a.config, overrides)
     if a.model_arg:
         cfg.model_kwargs = {**cfg.model_kwargs, **dict(a.model_arg)}
@@ -296,6 +299,18 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         done = len(collect_inputs(a.inputs)) - len(images)
         print(f"{done} images already had their outputs in {a.out} (--skip-existing): not predicted again")
     print(task.predict_summary(len(images), a.out, extra))
+    return 0
+
+
+def _cmd_convert_torchvision(a: argparse.Namespace) -> int:
+    from pixelwise.api import Segmenter
+    from pixelwise.models.torchvision import convert_torchvision
+
+    conv = convert_torchvision(a.arch, a.weights, num_classes=a.num_classes)
+    out = Segmenter(conv.model, conv.info()).save_pretrained(a.out)
+    print(f"wrote {conv.spec['name']} ({a.arch}, {conv.spec['num_classes']} classes) to {out}: "
+          f"pixelwise.load('{out}'), or fine-tune: pixelwise train --model {conv.spec['name']} "
+          f"--init-from torchvision:{a.arch}:{a.weights} --data DIR")
     return 0
 
 
@@ -512,6 +527,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=512, help="input size for the GFLOPs column")
     p.add_argument("--no-flops", action="store_true")
     p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("convert", help="convert foreign weights into a pixelwise pretrained folder")
+    src = p.add_subparsers(dest="source", required=True)
+    from pixelwise.models.torchvision import TORCHVISION_ARCHS
+
+    t = src.add_parser("torchvision", help="a torchvision segmentation / Mask R-CNN state dict (.pth)")
+    t.add_argument("arch", choices=sorted(TORCHVISION_ARCHS))
+    t.add_argument("weights", help="the .pth file (read with weights_only=True)")
+    t.add_argument("--out", required=True, help="the pretrained folder to write (model.safetensors + config.json)")
+    t.add_argument("--num-classes", type=int, help="K classes of your own (fresh class layers, for fine-tuning)")
+    t.set_defaults(func=_cmd_convert_torchvision)
 
     p = sub.add_parser("export", help="export a model (ONNX, torch.export, safetensors) for deployment or sharing")
     p.add_argument("--checkpoint", required=True, help="a checkpoint, a run folder or a pretrained folder")

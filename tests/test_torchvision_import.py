@@ -455,3 +455,36 @@ def test_pretrained_folder_loads_and_predicts_like_torchvision(tmp_path):
     with torch.no_grad():
         ref = tv(x[None])["out"][0].argmax(0).numpy()
     assert labels.shape == (45, 61) and (labels == ref).mean() == 1.0
+
+
+def test_cli_convert_writes_a_pretrained_folder_and_train_fine_tunes_from_the_file(tmp_path, capsys):
+    """`pixelwise convert torchvision` -> a folder that loads; `train --init-from` starts from the
+    converted weights (every layer but the fresh class layers equals torchvision's)."""
+    import torchvision
+
+    from pixelwise.cli import main
+    from pixelwise.data.synthetic import generate_shapes
+    from pixelwise.engine.checkpoint import load_checkpoint
+
+    tv = torchvision.models.segmentation.fcn_resnet50(weights=None, weights_backbone=None, num_classes=21,
+                                                      aux_loss=True).eval()
+    weights = tmp_path / "fcn.pth"
+    torch.save(tv.state_dict(), weights)
+    assert main(["convert", "torchvision", "fcn_resnet50", str(weights), "--out", str(tmp_path / "pre")]) == 0
+    assert "wrote fcn32s" in capsys.readouterr().out
+    x = torch.rand(1, 3, 64, 80)
+    import pixelwise
+
+    seg = pixelwise.load(tmp_path / "pre")
+    with torch.no_grad():
+        assert torch.equal(seg.model(x)[0].argmax(0) if seg.model(x).dim() == 4 else seg.model(x),
+                           tv(x)["out"][0].argmax(0))
+
+    data = generate_shapes(tmp_path / "shapes", num_train=4, num_val=2, size=64, seed=0)
+    assert main(["train", "--model", "fcn32s", "--init-from", f"torchvision:fcn_resnet50:{weights}", "--data",
+                 str(data), "--out", str(tmp_path / "run"), "--epochs", "1", "--batch-size", "2", "--lr", "0",
+                 "--num-workers", "0", "--quiet", "--no-report"]) == 0
+    sd = load_checkpoint(tmp_path / "run" / "last.pt")["state_dict"]
+    tv_sd = tv.state_dict()
+    assert sd["encoder.layer1.0.conv1.weight"].shape == tv_sd["backbone.layer1.0.conv1.weight"].shape
+    assert torch.equal(sd["encoder.layer1.0.conv1.weight"], tv_sd["backbone.layer1.0.conv1.weight"])

@@ -155,6 +155,24 @@ def check_run_folder(cfg: TrainConfig) -> None:
                              f"--overwrite to replace it, or choose another --out")
 
 
+def initial_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The model of ``cfg.init_from`` (``torchvision:ARCH:WEIGHTS.pth``: torchvision's weights
+    converted, :mod:`pixelwise.models.torchvision`), its class layers fresh when the data has
+    another number of classes; its options are the conversion's."""
+    from pixelwise.models.torchvision import convert_torchvision
+
+    kind, _, rest = str(cfg.init_from).partition(":")
+    arch, _, path = rest.partition(":")
+    if kind != "torchvision" or not arch or not path:
+        raise PixelwiseError(f"init_from {cfg.init_from!r}: give torchvision:ARCH:WEIGHTS.pth, e.g. "
+                             "torchvision:deeplabv3_resnet50:deeplabv3_resnet50_coco.pth")
+    conv = convert_torchvision(arch, path, num_classes=num_classes)
+    if conv.spec["name"] != cfg.model:
+        raise PixelwiseError(f"init_from {cfg.init_from!r} gives a {conv.spec['name']!r} model, not {cfg.model!r}: "
+                             f"pass --model {conv.spec['name']}")
+    return conv.model.train()
+
+
 def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes: Any = None,
         transform: Any = None) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records.
@@ -198,7 +216,8 @@ def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes:
     model_kwargs = {**task_kwargs, **cfg.model_kwargs}
     if cfg.image_mode == "L":
         model_kwargs.setdefault("in_channels", 1)
-    model = build_model(cfg.model, num_classes, **model_kwargs).to(device)
+    model = (build_model(cfg.model, num_classes, **model_kwargs) if not cfg.init_from
+             else initial_model(cfg, num_classes)).to(device)
     spec = model.pixelwise_spec
     setup = task.training(cfg, model, train_base, norm, out, main)
     train_set = SeededSamples(RepeatDataset(setup.dataset, cfg.repeat) if cfg.repeat > 1 else setup.dataset, cfg.seed)

@@ -33,7 +33,7 @@ from pixelwise.tasks import task_for_model
 __all__ = ["plan_training", "CPU_MODEL_OPTIONS", "CPU_MINUTES", "SIZING_KEYS", "available_memory", "parse_memory"]
 
 #: config keys that steer a run's size: giving any of them (or a --model-arg) turns the plan off
-SIZING_KEYS = frozenset({"epochs", "batch_size", "crop_size", "repeat", "lr", "optimizer", "time_limit"})
+SIZING_KEYS = frozenset({"epochs", "batch_size", "crop_size", "repeat", "lr", "optimizer", "time_limit", "init_from"})
 
 #: CPU-sized options per model (those of configs/{model}_shapes.yaml)
 CPU_MODEL_OPTIONS: dict[str, dict[str, Any]] = {

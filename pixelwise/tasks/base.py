@@ -38,7 +38,7 @@ COMMON_CONFIG_KEYS = frozenset({
     "momentum", "weight_decay", "poly_power", "warmup_steps", "crop_size", "scale_min", "scale_max", "flip",
     "repeat", "image_mode", "mean", "std", "num_workers", "seed", "time_limit", "eval_every", "device", "threads",
     "resume", "checkpoint_every", "keep_last", "deterministic", "amp", "skip_bad_samples", "tensorboard",
-    "progress", "grad_clip", "overwrite",
+    "progress", "grad_clip", "overwrite", "init_from",
 })
 
 
