@@ -375,7 +375,8 @@ def _pq_size_rows(n: int, size: tuple[int, int], reps: int, with_torchmetrics: b
     what = f"PQ, {n} COCO panoptic pairs {w}x{h} on disk"
     rows = [
         Row(what + ": pq_compute (default: threads) vs decoding the PNGs to id maps in 1 process (PIL)", fmt_s(a),
-            fmt_s(f), f"{a / f:.2f}x", f"target <= 1.0x; CPU time {fmt_s(a_cpu)} vs {fmt_s(f_cpu)} ({a_cpu / f_cpu:.2f}x); "
+            fmt_s(f), f"{a / f:.2f}x",
+            f"target <= 1.0x; CPU time {fmt_s(a_cpu)} vs {fmt_s(f_cpu)} ({a_cpu / f_cpu:.2f}x); "
             f"the same floor with the libpng decoder pq_compute uses: {fmt_s(fl)} (CPU {fmt_s(fl_cpu)}); "
             f"np.asarray(Image.open) + rgb2id: {fmt_s(med['naive'][0])}"),
         Row(what + f": pq_compute (default: threads) vs panopticapi's algorithm in its {procs}-process pool", fmt_s(a),

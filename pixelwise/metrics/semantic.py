@@ -19,8 +19,8 @@ at all every scalar is NaN.
 
 Speed (CPU inputs): :meth:`ConfusionMatrix.update` makes one small integer key per pixel,
 ``target * C + pred`` in int16 (int32 above 128 classes) -- never an int64 copy of the
-inputs -- and counts the keys with one ``torch.bincount`` into the *joint histogram* of
-(target value 0..255, prediction 0..C-1). The matrix is its first C rows; the ignore index
+inputs -- and counts the keys with ``torch.bincount`` (in serial chunks) into the *joint
+histogram* of (target value 0..255, prediction 0..C-1). The matrix is its first C rows; the ignore index
 and every invalid target value have their own row, so the range checks are read off the
 256 x C histogram instead of costing passes over the pixels. Inputs outside what that key
 can hold (a prediction outside [0, C), a target outside [0, 256), floating class ids, GPU
@@ -122,9 +122,10 @@ class ConfusionMatrix:
         num_classes: C, the number of classes (background included where there is one).
         ignore_index: target value whose pixels are skipped (``None``: no ignore value).
 
-    ``update`` costs one ``bincount`` per call: on CPU over an int16 key per pixel (see the
-    module docstring), on GPU on the inputs' device (only the (C, C) result is copied back). To combine workers, sum the
-    matrices: ``merge``/``+=`` locally, or all-reduce ``state_dict()["matrix"]`` and load it.
+    ``update`` is one pass over the pixels: on CPU a bincount of an int16 key per pixel (see
+    the module docstring), on GPU a bincount on the inputs' device (only the (C, C) result is
+    copied back). To combine workers, sum the matrices: ``merge``/``+=`` locally, or
+    all-reduce ``state_dict()["matrix"]`` and load it.
     """
 
     def __init__(self, num_classes: int, ignore_index: int | None = 255) -> None:

@@ -212,12 +212,13 @@ class SegmentsInfo:
     __slots__ = ("by_index", "cats", "crowd", "ids")
 
     def __init__(self, segments: Any, cat_ids: set[int] | dict, where: str, image: str):
-        if segments is None or isinstance(segments, (str, bytes, Mapping)):
+        if type(segments) is not list and (segments is None or isinstance(segments, (str, bytes, Mapping))):
             raise DataError(where, f"{image}: segments_info must be a list of segments, got {type(segments).__name__}")
         ids, cats, crowd = [], [], []
         seen: set[int] = set()
         for k, s in enumerate(segments):
-            if not isinstance(s, Mapping) or "id" not in s or "category_id" not in s:
+            # type() first: an isinstance check against the Mapping ABC costs more than the rest of the loop
+            if (type(s) is not dict and not isinstance(s, Mapping)) or "id" not in s or "category_id" not in s:
                 raise DataError(where, f"{image}: segment #{k} must be a dict with 'id' and 'category_id', got {s!r}",
                                 "each segment is {id, category_id, iscrowd, ...}")
             try:
@@ -320,7 +321,7 @@ def _find_libpng_decoder() -> Any:
     return lambda data: op(data, rgba, False)
 
 
-def _decode_libpng(path: Path) -> np.ndarray | None:
+def _decode_libpng(path: str | os.PathLike) -> np.ndarray | None:
     """The pixels of an 8-bit RGB or RGBA PNG decoded by libpng (torchvision's
     ``decode_png``, a dependency already) as uint32 (H, W), bytes R, G, B, A; None for any
     other file, or one libpng cannot decode, which the caller then reads through PIL.
@@ -347,10 +348,12 @@ def _decode_libpng(path: Path) -> np.ndarray | None:
         chw = _libpng_decode(torch.frombuffer(data, dtype=torch.uint8))
     except RuntimeError:  # truncated or corrupt: PIL's path names the problem
         return None
-    hwc = chw.permute(1, 2, 0)
-    if chw.dtype != torch.uint8 or tuple(hwc.shape) != (height, width, 4) or not hwc.is_contiguous():
+    if chw.dtype != torch.uint8 or tuple(chw.shape) != (4, height, width):
         return None
-    return hwc.numpy().view("<u4").reshape(height, width)
+    hwc = chw.numpy().transpose(1, 2, 0)  # NumPy views: a few microseconds less per image than torch's
+    if not hwc.flags.c_contiguous:
+        return None
+    return hwc.view("<u4").reshape(height, width)
 
 
 def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
@@ -363,11 +366,11 @@ def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     per-channel arithmetic, and the id bits are masked only where they are used. Anything
     unusual (a missing, truncated or corrupt file, another mode) goes through
     :func:`read_image`, which raises the library's DataError or decodes it the careful way."""
-    path = Path(path)
     if not ImageFile.LOAD_TRUNCATED_IMAGES:  # else a truncated file would decode (PIL fills it with grey)
         pixels = _decode_libpng(path)
         if pixels is not None:
             return pixels
+    path = Path(path)
     if not ImageFile.LOAD_TRUNCATED_IMAGES:  # else PIL would fill a truncated file with grey
         try:
             with Image.open(path) as im:
@@ -382,7 +385,8 @@ def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
     rgb = read_image(path, mode=None)  # the whole file is decoded: truncation is an error
     if rgb.shape[2] not in (3, 4):
         raise DataError(path, f"panoptic PNG has {rgb.shape[2]} channel(s), not RGB: its ids cannot be read as "
-                        "R + 256 G + 256^2 B", "write panoptic PNGs as 8-bit RGB (pixelwise.data.formats.coco_panoptic.id2rgb)")
+                        "R + 256 G + 256^2 B",
+                        "write panoptic PNGs as 8-bit RGB (pixelwise.data.formats.coco_panoptic.id2rgb)")
     return rgb2id(rgb)
 
 
