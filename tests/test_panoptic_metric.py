@@ -989,3 +989,18 @@ def test_thread_errors_name_the_file_and_stop_the_rest(tmp_path, monkeypatch):
                                         r"the PNG but not in segments_info"):
         pq_compute(gt_json, pred_json)
     assert len(evaluated) < n  # the images queued after the error are not evaluated
+
+
+def test_default_threads_follow_the_idle_cpus(monkeypatch):
+    """One thread per CPU that other work leaves idle: all of them on an idle machine, one
+    when the load average fills every core."""
+    monkeypatch.setattr(panoptic.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert panoptic._default_workers() == 4
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (2.2, 2.0, 1.0))
+    assert panoptic._default_workers() == 2
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (9.5, 9.0, 8.0))
+    assert panoptic._default_workers() == 1
+    monkeypatch.setattr(panoptic.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert panoptic._default_workers() == 8
