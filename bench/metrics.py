@@ -323,6 +323,7 @@ def _panopticapi_pool(gt_json: Path, pred_json: Path, processes: int) -> dict:
 
 def _pq_size_rows(n: int, size: tuple[int, int], reps: int, with_torchmetrics: bool) -> list[Row]:
     import pixelwise.data.formats.coco_panoptic as fmt
+    from pixelwise.metrics import panoptic
     from pixelwise.metrics.panoptic import pq_compute, rgb2id
 
     procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -358,6 +359,7 @@ def _pq_size_rows(n: int, size: tuple[int, int], reps: int, with_torchmetrics: b
             o = res["per_class"][c]
             assert (o["tp"], o["fp"], o["fn"]) == (tp, fp, fn) and abs(o["iou_sum"] - iou) <= 1e-12 * max(1, tp), c
         fmt.read_panoptic_png(pngs[0])  # libpng looked up before timing
+        threads, load = min(panoptic._default_workers(), n // panoptic._IMAGES_PER_THREAD), os.getloadavg()[0]
         med = _alternate({"default": lambda: pq_compute(gt_json, pred_json),
                           "w1": lambda: pq_compute(gt_json, pred_json, workers=1),
                           "floor": floor_pil, "floor_libpng": floor_libpng,
@@ -374,12 +376,13 @@ def _pq_size_rows(n: int, size: tuple[int, int], reps: int, with_torchmetrics: b
     h, w = size
     what = f"PQ, {n} COCO panoptic pairs {w}x{h} on disk"
     rows = [
-        Row(what + ": pq_compute (default: threads) vs decoding the PNGs to id maps in 1 process (PIL)", fmt_s(a),
-            fmt_s(f), f"{a / f:.2f}x",
-            f"target <= 1.0x; CPU time {fmt_s(a_cpu)} vs {fmt_s(f_cpu)} ({a_cpu / f_cpu:.2f}x); "
+        Row(what + ": pq_compute (default: a thread per idle CPU) vs decoding the PNGs to id maps in 1 process (PIL)",
+            fmt_s(a), fmt_s(f), f"{a / f:.2f}x",
+            f"target <= 1.0x; the default used {threads} thread(s) (1-min load {load:.1f} on {procs} CPUs); "
+            f"CPU time {fmt_s(a_cpu)} vs {fmt_s(f_cpu)} ({a_cpu / f_cpu:.2f}x); "
             f"the same floor with the libpng decoder pq_compute uses: {fmt_s(fl)} (CPU {fmt_s(fl_cpu)}); "
             f"np.asarray(Image.open) + rgb2id: {fmt_s(med['naive'][0])}"),
-        Row(what + f": pq_compute (default: threads) vs panopticapi's algorithm in its {procs}-process pool", fmt_s(a),
+        Row(what + f": pq_compute (default) vs panopticapi's algorithm in its {procs}-process pool", fmt_s(a),
             fmt_s(api_t), ratio(a, api_t), f"per-category TP/FP/FN equal, IoU sums to 1e-12 (asserted); the pool's "
             f"children used {fmt_s(api_children)} CPU"),
         Row(what + ": pq_compute workers=1 (one thread) vs decoding the PNGs in 1 process (PIL)", fmt_s(w1), fmt_s(f),
@@ -403,7 +406,7 @@ def _pq_size_rows(n: int, size: tuple[int, int], reps: int, with_torchmetrics: b
 
 def pq_rows() -> list[Row]:
     """pq_compute on COCO panoptic pairs on disk, 120 of 256x320 and 200 of 512x512: default
-    (threads) and one thread vs the floor of only decoding the PNGs to ids in one process,
+    (a thread per idle CPU) and one thread vs the floor of only decoding the PNGs to ids in one process,
     vs panopticapi's algorithm in its process pool (one process per core), and (small set)
     vs torchmetrics PanopticQuality.
 
