@@ -954,6 +954,14 @@ def test_libpng_decode_equals_pil(tmp_path, monkeypatch, decoder):
             fmt.read_panoptic_png(tmp_path / f"{name}.png")
         for name in ("gray", "p", "p2"):  # left to PIL (which refuses gray)
             assert fmt._decode_libpng(tmp_path / f"{name}.png") is None
+        import zlib
+
+        data = bytearray((tmp_path / "rgb.png").read_bytes())  # the same header marked interlaced
+        data[28] = 1
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+        (tmp_path / "interlaced.png").write_bytes(bytes(data))
+        monkeypatch.setattr(fmt, "_libpng_decode", lambda data: pytest.fail("an interlaced file reached libpng"))
+        assert fmt._decode_libpng(tmp_path / "interlaced.png") is None
 
 
 def test_default_threads_equal_the_loop_reference(random_files, monkeypatch):
