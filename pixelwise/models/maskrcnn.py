@@ -35,6 +35,7 @@ images, trainable BN, no resizing of 128 px images). Any option overrides the pr
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -64,7 +65,7 @@ __all__ = [
 PAPER: dict[str, Any] = {
     "backbone": "resnet50",
     "pretrained": None,  # "efficientnet-lite0" for the packaged EfficientNet-Lite0 weights
-    "weights_path": None,  # torchvision ImageNet .pth for resnet*
+    "backbone_weights": None,  # a state dict file: torchvision ImageNet .pth for resnet*, timm's for timm:*
     "in_channels": 3,
     "fpn_channels": 256,
     "frozen_bn": None,  # None: frozen when the backbone is pretrained, trainable otherwise
@@ -298,6 +299,12 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     """Build Mask R-CNN; ``num_classes`` counts the background. See the module docstring."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if "weights_path" in options:  # the old name, before every model took backbone_weights
+        if "backbone_weights" in options:
+            raise ValueError("give backbone_weights, not also its old name weights_path")
+        warnings.warn("maskrcnn option weights_path is deprecated, use backbone_weights", FutureWarning,
+                      stacklevel=2)
+        options["backbone_weights"] = options.pop("weights_path")
     unknown = sorted(set(options) - set(PAPER))
     if unknown:
         raise ValueError(f"unknown maskrcnn option(s): {', '.join(unknown)}; valid: {', '.join(sorted(PAPER))}")
@@ -306,8 +313,8 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     o = {**PRESETS[preset], **options}
 
     encoder = build_encoder(o["backbone"], in_channels=int(o["in_channels"]), pretrained=o["pretrained"],
-                            weights_path=o["weights_path"])
-    pretrained = o["pretrained"] is not None or o["weights_path"] is not None
+                            weights_path=o["backbone_weights"])
+    pretrained = o["pretrained"] is not None or o["backbone_weights"] is not None
     frozen_bn = pretrained if o["frozen_bn"] is None else bool(o["frozen_bn"])
     trainable = (3 if pretrained else 5) if o["trainable_stages"] is None else int(o["trainable_stages"])
     if frozen_bn:
@@ -364,7 +371,8 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     return model
 
 
-@register_model("maskrcnn", task="instance", paper="He et al., Mask R-CNN, ICCV 2017")
+@register_model("maskrcnn", task="instance", paper="He et al., Mask R-CNN, ICCV 2017",
+                options=lambda: ["preset", *PAPER])
 def maskrcnn(num_classes: int, **kwargs: Any) -> PixelwiseMaskRCNN:
     """Mask R-CNN with an FPN on a pixelwise encoder; ``num_classes`` includes the background.
     Options: see :data:`PAPER` (``preset="cpu"`` for the lean CPU setting)."""

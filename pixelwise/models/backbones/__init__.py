@@ -1,7 +1,8 @@
 """Encoders (backbones): one builder, one contract (:class:`Encoder`).
 
 ``build_encoder(name, ...)`` returns an :class:`Encoder` whose ``forward`` gives five
-feature maps c1..c5 at nominal strides 2, 4, 8, 16, 32 (see ``base.py``).
+feature maps c1..c5 at nominal strides 2, 4, 8, 16, 32 (see ``base.py``). ``name`` is one of
+:func:`list_encoders` or ``"timm:<timm model name>"`` (:mod:`.timm_encoder`, needs timm).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pixelwise.models.backbones.efficientnet_lite import (
     packaged_weights_path,
 )
 from pixelwise.models.backbones.resnet import ResNetEncoder
+from pixelwise.models.backbones.timm_encoder import TimmEncoder, timm_name
 from pixelwise.models.backbones.vgg import VGGEncoder
 
 __all__ = [
@@ -25,9 +27,11 @@ __all__ = [
     "ResNetEncoder",
     "EfficientNetLite0Encoder",
     "EfficientNetLite0Classifier",
+    "TimmEncoder",
     "build_encoder",
     "list_encoders",
     "load_weights_file",
+    "dilatable",
 ]
 
 _VGG = ("vgg16", "vgg16_bn")
@@ -39,6 +43,12 @@ _PRETRAINED_EFFICIENTNET = ("efficientnet-lite0", "imagenet")
 def list_encoders() -> list[str]:
     """Names accepted by :func:`build_encoder`."""
     return [*_VGG, *_RESNET, *_EFFICIENTNET]
+
+
+def dilatable(name: str) -> bool:
+    """Whether encoder ``name`` has an atrous mode (output stride 16/8): ``resnet*`` and timm
+    encoders (timm's ``output_stride``; a family that cannot dilate says so when built)."""
+    return name.startswith("resnet") or timm_name(name) is not None
 
 
 def load_weights_file(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -72,6 +82,7 @@ def build_encoder(
     pretrained: str | None = None,
     weights_path: str | None = None,
     width: float = 1.0,
+    backbone_weights: str | None = None,
 ) -> Encoder:
     """Build the encoder ``name`` (one of :func:`list_encoders`).
 
@@ -85,19 +96,42 @@ def build_encoder(
                        ``vgg16_bn`` and ``resnet*``; EfficientNet-PyTorch naming for
                        ``efficientnet_lite0``.
         width:         channel multiplier (VGG only), for CPU-sized models.
+        backbone_weights: the same as ``weights_path``, under the models' name for it (so
+                       models that pass their options through reach it by either name).
+
+    ``name="timm:<model>"``: any timm model with features at strides (2,) 4, 8, 16, 32
+    (:class:`TimmEncoder`); ``weights_path`` is a state dict of that timm model; output
+    stride 16/8 through timm's dilation; no ``pretrained`` (nothing is downloaded).
 
     Raises:
         ValueError: unknown name or an option the encoder does not support.
         CheckpointError: weights that cannot be read or do not fit.
     """
-    if name not in list_encoders():
-        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}")
+    if backbone_weights is not None:
+        if weights_path is not None and weights_path != backbone_weights:
+            raise ValueError("give backbone_weights or weights_path (the same option), not both")
+        weights_path = backbone_weights
+    timm_model = timm_name(name)
+    if name not in list_encoders() and timm_model is None:
+        raise ValueError(f"unknown encoder {name!r}; available: {', '.join(list_encoders())}, "
+                         "or timm:<name> for a timm model")
     if not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     if output_stride not in (8, 16, 32):
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
     if pretrained is not None and weights_path is not None:
         raise ValueError("give either pretrained or weights_path, not both")
+    if timm_model is not None:
+        if multi_grid is not None:
+            raise ValueError(f"multi_grid is only for resnet* encoders, not {name}")
+        if width != 1.0:
+            raise ValueError(f"width is only supported by vgg16/vgg16_bn, not {name} (got width={width})")
+        if pretrained is not None:
+            raise ValueError(f"{name}: pixelwise downloads nothing; save the timm model's state dict and pass "
+                             "weights_path=... to build_encoder, backbone_weights=... to a model")
+        weights = load_weights_file(weights_path) if weights_path is not None else None
+        return TimmEncoder(timm_model, in_channels=in_channels, output_stride=output_stride, state_dict=weights,
+                           source=str(weights_path))
     if name not in _RESNET:
         if output_stride != 32:
             raise ValueError(
@@ -112,7 +146,8 @@ def build_encoder(
             raise ValueError(f"unknown pretrained weights {pretrained!r} for {name}; use 'efficientnet-lite0'")
         raise ValueError(
             f"no packaged pretrained weights for {name} (got pretrained={pretrained!r}); "
-            "download torchvision's ImageNet .pth yourself and pass weights_path=..."
+            "download torchvision's ImageNet .pth yourself and pass weights_path=... to build_encoder, "
+            "backbone_weights=... to a model"
         )
 
     encoder: Encoder
