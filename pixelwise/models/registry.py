@@ -128,8 +128,11 @@ def _introspect(builder: Callable[..., nn.Module]) -> set[str] | None:
         classes = [c for c in found if isinstance(c, type) and issubclass(c, nn.Module) and c is not nn.Module]
     if not classes:
         return None
+    # keywords the builder passes itself (``FCN(num_classes, stride=8, **kw)``) are not the user's
+    consts = [n for c in builder.__code__.co_consts for n in (c if isinstance(c, tuple) else (c,))]
+    fixed = {n for n in consts if isinstance(n, str) and n.isidentifier()}
     for cls in classes:
-        names |= _class_options(cls)
+        names |= _class_options(cls) - fixed
     return names
 
 
