@@ -42,6 +42,26 @@ def _import_timm() -> Any:
     return timm
 
 
+def _check_keys(timm: Any, name: str, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """The file must hold the whole timm model (its classifier may be left out): timm loads a
+    ``features_only`` model non-strictly, so a state dict of a sibling (resnet34 into resnet18)
+    would otherwise load in part without a word. The reference keys come from the model built
+    on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        full = timm.create_model(name, pretrained=False)
+    expected = set(full.state_dict())
+    heads = full.pretrained_cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    optional = {k for k in expected if any(k.startswith(h + ".") for h in heads)}
+    missing = sorted(expected - optional - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        parts = [f"{label} {len(keys)} keys ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+        raise CheckpointError(f"{source}: weights do not fit timm model {name!r} (a state dict of "
+                              f"timm.create_model({name!r}) is expected): {'; '.join(parts)}")
+
+
 class TimmEncoder(Encoder):
     """A timm ``features_only`` model as a five-level encoder (see the module docstring).
 
@@ -71,6 +91,7 @@ class TimmEncoder(Encoder):
         if output_stride != 32:
             kw["output_stride"] = int(output_stride)
         if state_dict is not None:
+            _check_keys(timm, name, state_dict, source)
             # timm's loader takes the state dict as it takes its hub weights (in_chans adapted,
             # checkpoint filters applied); it may edit the dict, hence the copy
             kw.update(pretrained=True, pretrained_cfg_overlay={"state_dict": dict(state_dict)})
