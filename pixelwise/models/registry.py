@@ -147,7 +147,7 @@ def model_options(name: str) -> list[str] | None:
 
 def _unknown(name: str, unknown: list[str], valid: list[str] | None) -> UnknownModelOptionError:
     what = ", ".join(repr(u) for u in unknown)
-    msg = f"model {name!r} has no option {what}"
+    msg = f"unknown {name} option{'s' if len(unknown) > 1 else ''} {what}"
     if valid is not None:
         close = difflib.get_close_matches(unknown[0], valid, n=1)
         if close:
