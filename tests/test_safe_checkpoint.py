@@ -240,3 +240,31 @@ def test_upgrade_rewrites_an_old_pixelwise_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a pixelwise checkpoint"):
         torch.save({"x": 1}, tmp_path / "foreign.pt")
         upgrade_checkpoint(tmp_path / "foreign.pt", tmp_path / "f2.pt")
+
+
+@pytest.mark.parametrize(("name", "kw"), [("deeplabv3plus", {"backbone": "resnet18"}),
+                                          ("maskrcnn", {"preset": "cpu", "backbone": "resnet18"}),
+                                          ("unet", {"backbone": "timm:resnet18"})])
+def test_a_checkpoint_loads_where_its_encoder_weight_file_is_absent(name, kw, tmp_path):
+    """The encoder file a model was trained from is recorded in its options, but the checkpoint
+    holds the weights: rebuilding it elsewhere must not need (or read) that file."""
+    from pixelwise.engine.checkpoint import model_from_checkpoint
+
+    if kw["backbone"].startswith("timm:"):
+        timm = pytest.importorskip("timm")
+        sd = timm.create_model("resnet18").state_dict()
+    else:
+        import torchvision
+
+        sd = torchvision.models.resnet18().state_dict()
+    weights = tmp_path / "encoder.pth"
+    torch.save(sd, weights)
+    model = build_model(name, 3, backbone_weights=str(weights), **kw)
+    path = save_checkpoint(tmp_path / "c.pt", {**valid_checkpoint(), "model": model.pixelwise_spec,
+                                               "state_dict": model.state_dict()})
+    weights.unlink()
+    again = model_from_checkpoint(load_checkpoint(path), path)
+    for k, v in model.state_dict().items():
+        assert torch.equal(again.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="weights file not found"):  # outside a rebuild it is read
+        build_model(name, 3, backbone_weights=str(weights), **kw)

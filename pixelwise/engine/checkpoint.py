@@ -348,10 +348,14 @@ def upgrade_checkpoint(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any], path: str | os.PathLike = "checkpoint") -> nn.Module:
-    """Rebuild the model recorded in ``ckpt`` and load its weights."""
+    """Rebuild the model recorded in ``ckpt`` and load its weights (an encoder weight file
+    named in its options is not read: it need not exist where the checkpoint is used)."""
+    from pixelwise.models.backbones import weight_files_skipped
+
     spec = ckpt["model"]
     try:
-        model = build_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {}))
+        with weight_files_skipped():  # the state dict below holds the weights; their file may be elsewhere
+            model = build_model(spec["name"], spec["num_classes"], **spec.get("kwargs", {}))
     except UnknownModelError as e:
         raise CheckpointError(f"{path}: {e}") from None
     load_state_dict_checked(model, ckpt["state_dict"], path, spec["name"])

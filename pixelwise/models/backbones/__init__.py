@@ -6,7 +6,10 @@ feature maps c1..c5 at nominal strides 2, 4, 8, 16, 32 (see ``base.py``). ``name
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -32,7 +35,24 @@ __all__ = [
     "list_encoders",
     "load_weights_file",
     "dilatable",
+    "weight_files_skipped",
 ]
+
+# True while a model is rebuilt to receive a checkpoint's state dict (see weight_files_skipped)
+_SKIP_WEIGHT_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_weight_files", default=False)
+
+
+@contextlib.contextmanager
+def weight_files_skipped() -> Iterator[None]:
+    """Inside: :func:`build_encoder` reads no weight file (``weights_path``/``backbone_weights``,
+    packaged ``pretrained`` weights) but builds the same modules. For rebuilding a model whose
+    weights come from a checkpoint next: the encoder file it was trained from need not exist on
+    this machine, and is not read for nothing."""
+    token = _SKIP_WEIGHT_FILES.set(True)
+    try:
+        yield
+    finally:
+        _SKIP_WEIGHT_FILES.reset(token)
 
 _VGG = ("vgg16", "vgg16_bn")
 _RESNET = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
@@ -121,6 +141,7 @@ def build_encoder(
         raise ValueError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
     if pretrained is not None and weights_path is not None:
         raise ValueError("give either pretrained or weights_path, not both")
+    skip = _SKIP_WEIGHT_FILES.get()
     if timm_model is not None:
         if multi_grid is not None:
             raise ValueError(f"multi_grid is only for resnet* encoders, not {name}")
@@ -129,7 +150,7 @@ def build_encoder(
         if pretrained is not None:
             raise ValueError(f"{name}: pixelwise downloads nothing; save the timm model's state dict and pass "
                              "weights_path=... to build_encoder, backbone_weights=... to a model")
-        weights = load_weights_file(weights_path) if weights_path is not None else None
+        weights = load_weights_file(weights_path) if weights_path is not None and not skip else None
         return TimmEncoder(timm_model, in_channels=in_channels, output_stride=output_stride, state_dict=weights,
                            source=str(weights_path))
     if name not in _RESNET:
@@ -153,21 +174,21 @@ def build_encoder(
     encoder: Encoder
     if name in _VGG:
         vgg = VGGEncoder(batch_norm=name == "vgg16_bn", in_channels=in_channels, width=width)
-        if weights_path is not None:
+        if weights_path is not None and not skip:
             vgg.load_torchvision_state_dict(load_weights_file(weights_path), source=weights_path)
         encoder = vgg
     elif name in _RESNET:
         resnet = ResNetEncoder(
             _RESNET[name], in_channels=in_channels, output_stride=output_stride, multi_grid=multi_grid
         )
-        if weights_path is not None:
+        if weights_path is not None and not skip:
             resnet.load_torchvision_state_dict(load_weights_file(weights_path), source=weights_path)
         encoder = resnet
     else:
         effnet = EfficientNetLite0Encoder(in_channels=in_channels)
-        if pretrained is not None:
+        if pretrained is not None and not skip:
             weights_path = packaged_weights_path()
-        if weights_path is not None:
+        if weights_path is not None and not skip:
             effnet.load_reference_state_dict(load_weights_file(weights_path), source=weights_path)
         encoder = effnet
     return encoder
