@@ -154,3 +154,17 @@ def test_a_checkpoint_of_a_timm_model_rebuilds_it(tmp_path):
     with torch.no_grad():
         assert torch.equal(m(x), again(x))
     assert isinstance(again.encoder, TimmEncoder)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "convnext_atto"])
+def test_maskrcnn_from_a_timm_weight_file_freezes_its_first_stages(tmp_path, name):
+    """With encoder weights Mask R-CNN trains res3..res5 only (trainable_stages 3), for timm
+    encoders too: their stages cover every parameter once, in order."""
+    path, _ = _save_random_timm(tmp_path, name)
+    m = build_model("maskrcnn", 3, preset="cpu", backbone=f"timm:{name}", backbone_weights=str(path))
+    enc = m.backbone.encoder
+    stages = enc.stage_modules()
+    params = [p for g in stages for mod in g for p in mod.parameters()]
+    assert len(params) == len(list(enc.parameters())) == len({id(p) for p in params})
+    trainable = [any(p.requires_grad for mod in g for p in mod.parameters()) for g in stages]
+    assert trainable[2:] == [True, True, True] and not any(trainable[:2])

