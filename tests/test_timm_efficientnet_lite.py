@@ -82,3 +82,22 @@ def test_maskrcnn_freezes_the_stages_of_a_pretrained_lite_encoder():
     enc = m.backbone.encoder
     frozen = [not any(p.requires_grad for g in stage for p in g.parameters()) for stage in enc.stage_modules()]
     assert frozen == [True, True, False, False, False]  # trainable_stages 3 when pretrained
+
+
+@pytest.mark.parametrize("variant", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_dynamic_onnx_export_keeps_same_padding_symbolic(variant, tmp_path):
+    """TF 'SAME' padding depends on the input size: a dynamic ONNX graph traced at 64x64 must
+    still pad a 97x131 input as eager PyTorch does (it froze the 64x64 padding before)."""
+    ort = pytest.importorskip("onnxruntime")
+    from pixelwise.export import export_onnx
+
+    m = build_model("unet", 3, backbone=variant).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(m, path, dynamic=True, size=64)
+    sess = ort.InferenceSession(str(path))
+    x = torch.rand(1, 3, 97, 131)
+    y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = m(x).numpy()
+    assert y.shape == ref.shape == (1, 3, 97, 131)
+    np.testing.assert_allclose(y, ref, atol=1e-4, rtol=0)

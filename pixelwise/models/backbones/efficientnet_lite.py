@@ -114,7 +114,9 @@ class Conv2dSame(nn.Conv2d):
         pads: list[int] = []
         for dim in (-1, -2):  # F.pad order: last dimension (width) first
             size, k, s = x.shape[dim], self.kernel_size[dim], self.stride[dim]
-            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            # (ceil(size / s) - 1) * s + k - size, in integer ops that an ONNX trace keeps
+            # symbolic; never negative since every strided kernel here is >= its stride
+            total = (-size) % s + max(k - s, 0)
             pads += [total // 2, total - total // 2]
         return super().forward(F.pad(x, pads))
 
