@@ -36,7 +36,7 @@ def _out(y):
 
 
 def inference_rows(flops_out: dict) -> list[Row]:
-    from pixelwise.inference import optimize
+    from pixelwise.optimize import optimize
     from pixelwise.models.summary import count_flops
 
     torch.set_num_threads(2)
@@ -147,7 +147,7 @@ def data_rows() -> list[Row]:
     from pixelwise.data.transforms import build_transforms
     from pixelwise.demo import DEMO_CONFIG
     from pixelwise.engine.common import make_loader, open_dataset
-    from pixelwise.inference import resolve_num_workers
+    from pixelwise.data.loading import resolve_num_workers
 
     torch.set_num_threads(2)
     n, bs = (64 if QUICK else 160), int(DEMO_CONFIG["batch_size"])

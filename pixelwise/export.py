@@ -3,7 +3,7 @@
 ``pixelwise export --checkpoint CKPT --format onnx --out model.onnx [--dynamic]``:
 
 * the model is exported in eval mode with BatchNorm folded into the convolutions
-  (:func:`pixelwise.inference.fold_conv_bn`), input ``image`` (N, C, H, W) float32
+  (:func:`pixelwise.optimize.fold_conv_bn`), input ``image`` (N, C, H, W) float32
   (normalised), output ``logits`` (N, K, H, W);
 * ``--dynamic``: N, H and W are free (``unet_original``: any VALID tile size - see its
   ``valid_input_sizes``; the predictor mirror-pads images to one);
@@ -37,6 +37,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+
+from pixelwise.postprocess import instance_id_map  # noqa: F401  (moved; re-exported)
 
 __all__ = ["export_onnx", "export_checkpoint", "OnnxModel", "OnnxSegmenter", "OnnxInstanceSegmenter", "open_onnx",
            "instance_id_map", "predict_files_onnx", "onnx_metadata"]
@@ -124,53 +126,21 @@ def _swap_unpools(model: Any) -> int:
     return n
 
 
-def _unet_up_forward(self: Any, x: Any, skip: Any) -> Any:
-    """``UNetUp.forward`` with the crop sizes kept as traced shape values (no ``int()``)."""
-    import torch
-
-    x = self.up(x)
-    if self.padded:
-        x = x[..., : skip.shape[-2], : skip.shape[-1]]
-    else:
-        h, w = x.shape[-2], x.shape[-1]
-        top, left = (skip.shape[-2] - h) // 2, (skip.shape[-1] - w) // 2
-        skip = skip[..., top: top + h, left: left + w]
-    return self.conv(torch.cat([skip, x], dim=1))
-
-
-def _decoder_stage_forward(self: Any, x: Any, skip: Any = None, size: Any = None) -> Any:
-    """``UNetDecoderStage.forward`` with the target size kept as traced shape values."""
-    import torch
-    import torch.nn.functional as F
-
-    target = skip.shape[-2:] if skip is not None else size
-    th, tw = target[-2], target[-1]
-    h, w = int(x.shape[-2]), int(x.shape[-1])
-    if (h, w) == ((int(th) + 1) // 2, (int(tw) + 1) // 2):
-        x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)[..., :th, :tw]
-    elif (h, w) != (int(th), int(tw)):
-        x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
-    if skip is not None:
-        x = torch.cat([x, skip], dim=1)
-    return self.conv(x)
-
-
 def _make_exportable(model: Any, dynamic: bool) -> None:
     """Swap in export-friendly equivalents of the layers whose eager code turns sizes into
     Python ints (they would be frozen into the graph) or that the exporter cannot express
-    with dynamic sizes. Same weights, same outputs."""
-    import types
-
-    from pixelwise.models.unet import UNetDecoderStage, UNetUp
-
+    with dynamic sizes. Same weights, same outputs. (The U-Net blocks need nothing: their
+    forward keeps traced sizes symbolic.)"""
     _swap_unpools(model)
     if dynamic:
         _swap_adaptive_pools(model)
-    for m in model.modules():
-        if isinstance(m, UNetUp):
-            m.forward = types.MethodType(_unet_up_forward, m)
-        elif isinstance(m, UNetDecoderStage):
-            m.forward = types.MethodType(_decoder_stage_forward, m)
+
+
+def _task(name: str):
+    """The registered task called ``name`` (it says how its models export)."""
+    from pixelwise.tasks import get_task
+
+    return get_task(name)
 
 
 def onnx_metadata(model: Any, ckpt: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -187,7 +157,7 @@ def onnx_metadata(model: Any, ckpt: dict[str, Any] | None = None) -> dict[str, A
     if hasattr(model, "valid_input_sizes") and hasattr(model, "output_margin"):
         meta["output_margin"] = int(model.output_margin)
         meta["valid_sizes"] = [int(n) for n in model.valid_input_sizes(1, 4096)]
-    if meta["task"] == "instance":
+    if _task(meta["task"]).export_kind == "detection":
         n = int(getattr(model, "num_classes", 0) or 0)
         meta["category_ids"] = (ckpt or {}).get("category_ids") or list(range(n))
         meta["mask_threshold"] = float(getattr(model, "mask_threshold", 0.5))
@@ -212,14 +182,14 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
 
     import torch
 
-    from pixelwise.inference import _in_channels, fold_conv_bn
+    from pixelwise.optimize import _in_channels, fold_conv_bn
 
-    task = getattr(model, "pixelwise_task", "semantic")
-    if task == "instance":
+    task = _task(getattr(model, "pixelwise_task", "semantic"))
+    if task.export_kind == "detection":
         return _export_instance(model, out, dynamic=dynamic, size=size, in_channels=in_channels, opset=opset,
                                 metadata=metadata, fold=fold)
-    if task != "semantic":
-        raise NotImplementedError(f"ONNX export covers the semantic models and Mask R-CNN, not {task!r} models")
+    if task.export_kind != "dense":
+        raise NotImplementedError(f"ONNX export covers the semantic models and Mask R-CNN, not {task.name!r} models")
     model = copy.deepcopy(model).eval().requires_grad_(False)
     h, w = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     h, w = _export_size(model, h), _export_size(model, w)
@@ -279,7 +249,7 @@ def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size:
 
     import torch
 
-    from pixelwise.inference import fold_conv_bn
+    from pixelwise.optimize import fold_conv_bn
 
     if opset < 16:
         raise ValueError(f"Mask R-CNN export needs opset >= 16 (RoiAlign with half-pixel offset), got {opset}")
@@ -327,7 +297,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, for
     if format != "onnx":
         raise PixelwiseError(f"unknown export format {format!r}; available: onnx")
     ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("task", "semantic") not in ("semantic", "instance"):
+    if _task(ckpt.get("task", "semantic")).export_kind is None:
         raise PixelwiseError(f"{checkpoint}: ONNX export covers semantic models and Mask R-CNN, not "
                              f"{ckpt.get('task')!r} models")
     model = model_from_checkpoint(ckpt, checkpoint).eval()
@@ -450,16 +420,6 @@ class OnnxInstanceSegmenter(OnnxModel):
         return instance_id_map(self.detect(image, score_threshold)["masks"], image.shape[:2])
 
 
-def instance_id_map(masks: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """(H, W) uint8 map of (K, H, W) bool masks sorted by score: pixel = 1 + index of the
-    best-scoring mask covering it (ids above 254 share 254), 0 = none - as
-    ``predict_instance_files`` writes it."""
-    ids = np.zeros(tuple(shape[:2]), np.uint8)
-    for k in range(len(masks) - 1, -1, -1):  # lowest score first, so the best ends on top
-        ids[masks[k]] = min(k + 1, 254)
-    return ids
-
-
 def open_onnx(path: str | os.PathLike, threads: int | None = None) -> OnnxSegmenter | OnnxInstanceSegmenter:
     """The runner of an exported pixelwise model, by the task in its metadata."""
     from pixelwise.errors import PixelwiseError
@@ -468,10 +428,11 @@ def open_onnx(path: str | os.PathLike, threads: int | None = None) -> OnnxSegmen
         raise PixelwiseError(f"{path}: ONNX model not found")
     session = _session(Path(path), threads)
     task = _session_meta(session).get("task", "semantic")
-    runners = {"semantic": OnnxSegmenter, "instance": OnnxInstanceSegmenter}
-    if task not in runners:
+    runners = {"dense": OnnxSegmenter, "detection": OnnxInstanceSegmenter}
+    kind = _task(task).export_kind
+    if kind not in runners:
         raise PixelwiseError(f"{path}: cannot predict with a {task!r} ONNX model (semantic and instance only)")
-    return runners[task](path, session=session)
+    return runners[kind](path, session=session)
 
 
 def predict_files_onnx(onnx_path: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike,

@@ -53,6 +53,9 @@ __all__ = [
     "labels_from_probs",
     "connected_components",
     "mirror_pad",
+    "instance_id_map",
+    "logits_of",
+    "predict_labels",
 ]
 
 
@@ -320,3 +323,29 @@ def connected_components(labels: np.ndarray | torch.Tensor, classes: Sequence[in
         out[mask] = comp[mask] + len(owner)
         owner.extend([int(c)] * k)
     return out, owner
+
+
+def instance_id_map(masks: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """(H, W) uint8 map of (K, H, W) bool masks sorted by score: pixel = 1 + index of the
+    best-scoring mask covering it (ids above 254 share 254), 0 = none - as
+    instance predictions are written."""
+    ids = np.zeros(tuple(shape[:2]), np.uint8)
+    for k in range(len(masks) - 1, -1, -1):  # lowest score first, so the best ends on top
+        ids[masks[k]] = min(k + 1, 254)
+    return ids
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Models may return a tensor or a dict with 'out' (training-time aux heads)."""
+    return output["out"] if isinstance(output, dict) else output
+
+
+@torch.inference_mode()
+def predict_labels(model: nn.Module, images: torch.Tensor, tile: int | None = None, overlap: int | None = None,
+                   flip: bool = False, scales: tuple[float, ...] | None = None) -> torch.Tensor:
+    """(N, H, W) class ids for a batch of normalised images (model in eval mode). The plain
+    case (no tiling, no TTA, a size-preserving model) is one forward pass and an argmax."""
+    if tile is None and not flip and not (scales and tuple(scales) != (1.0,)) and not is_unpadded(model):
+        logits = logits_of(model(images))
+        return (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+    return labels_from_probs(predict_probs(model, images, tile=tile, overlap=overlap, flip=flip, scales=scales))

@@ -22,13 +22,21 @@ ascending semantic class id).
 
 Minimum stuff area and image size
 ---------------------------------
-The reference default, 4096 pixels (64^2), was chosen for COCO images resized to about
-800 x 1333. On a 128 x 128 image it would wipe out nearly every stuff region, so the
-threshold can be scaled with the image area:
+The reference (detectron2's ``PanopticFPN``, ``combine_semantic_and_instance_outputs``)
+drops stuff regions under 4096 pixels (64^2) counted at the ORIGINAL image resolution:
+the semantic logits are first resized to the input image's height and width
+(``sem_seg_postprocess``), then merged. That is the default here (``stuff_area_min=4096``,
+no scaling) and of :class:`~pixelwise.models.panoptic_fpn.PanopticFPN`, which merges at the
+original size too.
+
+A pixelwise choice, NOT the reference: on small synthetic images (128 x 128 = 16384 px)
+4096 px is a quarter of the image and wipes out nearly every stuff region, so the threshold
+can be scaled with the image area (the model option ``scale_stuff_area=True``, used by the
+``configs/*panoptic*shapes*.yaml`` configs):
 
 - ``stuff_area_scale=s`` makes the threshold ``stuff_area_min * s`` (a float; no rounding),
-  e.g. ``s = H * W / (800 * 1333)`` keeps the same FRACTION of the image as the reference
-  (4096 px on 800 x 1333 -> about 63 px on 128 x 128);
+  e.g. ``s = H * W / (800 * 1333)`` keeps the same FRACTION of the image as 4096 px is of an
+  800 x 1333 image (about 63 px on 128 x 128);
 - :func:`scaled_stuff_area` computes that scaled threshold directly, to pass as
   ``stuff_area_min``.
 
@@ -53,7 +61,7 @@ import torch
 
 __all__ = ["merge_panoptic", "scaled_stuff_area", "REFERENCE_IMAGE_SIZE", "REFERENCE_STUFF_AREA"]
 
-#: image size (H, W) the reference stuff-area threshold was tuned for (COCO, short side 800)
+#: image size (H, W) the optional stuff-area scaling is relative to (COCO resized to short side 800)
 REFERENCE_IMAGE_SIZE = (800, 1333)
 #: reference minimum stuff area in pixels (64^2)
 REFERENCE_STUFF_AREA = 4096
@@ -114,10 +122,11 @@ def merge_panoptic(
             is already taken by higher-score instances.
         mask_threshold: float masks are binarised with ``prob >= mask_threshold``
             (ignored for bool masks).
-        stuff_area_min: stuff segments with fewer free pixels than this are dropped (the
-            reference 4096 is meant for ~800 x 1333 images; see :func:`scaled_stuff_area`).
-        stuff_area_scale: if given, the threshold is ``stuff_area_min * stuff_area_scale``
-            (e.g. ``H * W / (800 * 1333)``).
+        stuff_area_min: stuff segments with fewer free pixels than this are dropped; the
+            reference's 4096 counted on the maps at the original image size (default).
+        stuff_area_scale: if given (a pixelwise option for small images, not the
+            reference), the threshold is ``stuff_area_min * stuff_area_scale`` (e.g.
+            ``H * W / (800 * 1333)``; see :func:`scaled_stuff_area`).
 
     Returns:
         ``(panoptic, segments)``: ``panoptic`` is an (H, W) int32 map of segment ids (0 =

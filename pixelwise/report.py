@@ -22,8 +22,9 @@ and writes, next to the checkpoints:
                               resolved config
 ============================  ==============================================================
 
-Each task is one small function (:data:`TASK_REPORTS`: ``"semantic"``, ``"instance"``,
-``"panoptic"``) that evaluates and draws; everything else (curves, HTML) is shared.
+The checkpoint is evaluated once through the engine's one evaluation driver; the task
+(:meth:`pixelwise.tasks.base.Task.report`) draws its sections; everything else (curves, grid,
+HTML) is shared.
 :func:`write_eval_plots` draws the confusion matrix and per-class IoU of a
 ``pixelwise evaluate`` result.
 """
@@ -34,78 +35,19 @@ import html
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from pixelwise.data.io import atomic_write_text, write_image
-from pixelwise.engine.common import uint8_image
 from pixelwise.errors import DataError, PixelwiseError
+from pixelwise.tasks import Task, task_of_checkpoint
+from pixelwise.tasks.base import ReportContext, ReportSections
+from pixelwise.tasks.instance import per_class_mask_ap  # noqa: F401  (re-exported)
 
-__all__ = ["write_report", "write_eval_plots", "read_history", "per_class_mask_ap", "TaskReport", "TASK_REPORTS"]
+__all__ = ["write_report", "write_eval_plots", "read_history", "per_class_mask_ap"]
 
-GRID_SIDE = 256
-"""Longest side of one panel of ``val_grid.png`` (larger images are scaled down)."""
-
-SCORE_THRESHOLD = 0.5
-"""Instances drawn in the grid: score at least this (as ``pixelwise predict``)."""
-
-
-@dataclass
-class TaskReport:
-    """What a task's report function returns.
-
-    Attributes:
-        summary: ``(key, label, value)`` rows of the final-metrics table.
-        figures: ``(file name in the run folder, caption)`` of the pictures it wrote.
-        curve_keys: ``metrics.jsonl`` keys plotted per epoch besides the loss.
-        legend: ``(class name, colour)`` pairs.
-        evaluation: the whole evaluation (written to ``report_metrics.json``).
-    """
-
-    summary: list[tuple[str, str, float | None]]
-    figures: list[tuple[str, str]]
-    curve_keys: tuple[str, ...]
-    legend: list[tuple[str, tuple[int, int, int]]] = field(default_factory=list)
-    evaluation: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class _Context:
-    """Everything a task's report function needs."""
-
-    ckpt: dict[str, Any]
-    ckpt_path: Path
-    data: str
-    split: str
-    run_dir: Path
-    max_images: int
-    device: torch.device
-    batch_size: int
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c["name"] for c in self.ckpt["classes"]]
-
-    @property
-    def class_colors(self) -> list[tuple[int, int, int]]:
-        from pixelwise.data.classes import palette
-
-        fallback = palette(len(self.ckpt["classes"]))
-        return [tuple(int(v) for v in c.get("color", fallback[i]))[:3] for i, c in enumerate(self.ckpt["classes"])]
-
-    def eval_transforms(self):
-        from pixelwise.data.transforms import build_transforms
-
-        norm = self.ckpt["normalization"]
-        return build_transforms(train=False, mean=norm["mean"], std=norm["std"])
-
-    @property
-    def image_mode(self) -> str:
-        return self.ckpt["normalization"].get("image_mode", "RGB")
 
 
 # ---------------------------------------------------------------------------------------
@@ -157,12 +99,11 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
     if not data:
         raise PixelwiseError(f"{run_dir}: the run's config names no dataset; pass --data DIR")
     split = split or str(config.get("val_split") or "val")
-    task = ckpt.get("task", "semantic")
-    if task not in TASK_REPORTS:
-        raise PixelwiseError(f"{ckpt_path}: no report for task {task!r} (known: {', '.join(TASK_REPORTS)})")
+    task = task_of_checkpoint(ckpt)
     bs = int(batch_size or config.get("batch_size") or 1)
-    ctx = _Context(ckpt, ckpt_path, data, split, run_dir, max(0, int(max_images)), resolve_device(device), max(1, bs))
-    report = TASK_REPORTS[task](ctx)
+    ctx = ReportContext(ckpt, ckpt_path, data, split, run_dir, max(0, int(max_images)), resolve_device(device),
+                        max(1, bs))
+    report = _task_sections(task, ctx)
 
     history = read_history(run_dir)
     figures = list(report.figures)
@@ -172,12 +113,37 @@ def write_report(run_dir: str | os.PathLike, data: str | os.PathLike | None = No
         figures.insert(0, ("curves.png", "training loss, learning rate and validation metrics per epoch "
                                          "(metrics.jsonl)"))
     evaluation = {"checkpoint": str(ckpt_path), "epoch": ckpt.get("epoch"), "data": data, "split": split,
-                  "task": task, **report.evaluation}
+                  "task": task.name, **report.evaluation}
     write_json(run_dir / "report_metrics.json", evaluation)
-    page = _html(run_dir, ckpt, ckpt_path, task, data, split, report, figures, history, config)
+    page = _html(run_dir, ckpt, ckpt_path, task.name, data, split, report, figures, history, config)
     out = run_dir / "report.html"
     atomic_write_text(out, page)
     return out
+
+
+def _task_sections(task: Task, ctx: ReportContext) -> ReportSections:
+    """Evaluate the checkpoint once on the split (the one evaluation driver) and let the task
+    draw its sections; the grid of its picture rows is saved here."""
+    from pixelwise.data.loading import make_loader
+    from pixelwise.data.transforms import build_transforms
+    from pixelwise.engine.checkpoint import model_from_checkpoint
+    from pixelwise.engine.evaluate import run_evaluation
+
+    model = model_from_checkpoint(ctx.ckpt, ctx.ckpt_path).to(ctx.device).eval()
+    if not Path(ctx.data).exists():
+        raise DataError(ctx.data, "dataset not found", "pass --data DIR")
+    norm = ctx.ckpt["normalization"]
+    ds = task.open(ctx.data, ctx.split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]),
+                   ctx.image_mode, quiet=True, **task.data_options(ctx.ckpt.get("config") or {}))
+    task.check_data(ds, ctx.ckpt, ctx.data)
+    collate = {"collate_fn": task.collate()} if task.collate() is not None else {}
+    loader = make_loader(ds, ctx.batch_size, shuffle=False, num_workers=0, **collate)
+    evaluator = task.evaluator(ds, ctx.ckpt, model, **task.evaluation_files(ctx.ckpt_path, None, ctx.split))
+    metrics = run_evaluation(model, loader, evaluator, ctx.device)
+    sections = task.report(ctx, model, ds, metrics)
+    sections.figures += _save_grid(ctx, sections.rows, ("image", "ground truth", "prediction"),
+                                   sections.grid_caption)
+    return sections
 
 
 def write_eval_plots(metrics: dict[str, Any], out: str | os.PathLike) -> list[Path]:
@@ -196,230 +162,11 @@ def write_eval_plots(metrics: dict[str, Any], out: str | os.PathLike) -> list[Pa
 
 
 # ---------------------------------------------------------------------------------------
-# one function per task
-# ---------------------------------------------------------------------------------------
-
-
-def _semantic_report(ctx: _Context) -> TaskReport:
-    """Confusion matrix over the split (FCN §5 metrics), per-class IoU, image | truth | prediction."""
-    from pixelwise.engine.checkpoint import model_from_checkpoint
-    from pixelwise.engine.common import make_loader, open_dataset
-    from pixelwise.engine.evaluate import evaluate_model, predict_labels
-    from pixelwise.viz import colorize, save_confusion_matrix, save_per_class_bars
-
-    names, colors = ctx.class_names, ctx.class_colors
-    model = model_from_checkpoint(ctx.ckpt, ctx.ckpt_path).to(ctx.device).eval()
-    ds = open_dataset(ctx.data, ctx.split, ctx.eval_transforms(), image_mode=ctx.image_mode)
-    if len(ds.classes) != len(names):
-        raise DataError(ctx.data, f"dataset has {len(ds.classes)} classes but the checkpoint was trained on "
-                                  f"{len(names)} ({', '.join(names)})")
-    loader = make_loader(ds, ctx.batch_size, shuffle=False, num_workers=0)
-    m = evaluate_model(model, loader, len(names), ctx.device)
-    save_confusion_matrix(ctx.run_dir / "confusion_matrix.png", m["confusion"], names)
-    save_per_class_bars(ctx.run_dir / "per_class_iou.png", m["iou"], names,
-                        title=f"per-class IoU on {ctx.split} (mIoU {_fmt(m['miou'])})")
-    rows = []
-    for i in range(min(ctx.max_images, len(ds))):
-        raw = ds.load(i)
-        pred = predict_labels(model, ds[i]["image"][None].to(ctx.device))[0].cpu().numpy()
-        rows.append([_fit(uint8_image(raw["image"])), _fit(colorize(raw["semantic"].numpy(), colors), nearest=True),
-                     _fit(colorize(pred, colors), nearest=True)])
-    figures = [("confusion_matrix.png", f"confusion matrix on {ctx.split}, each ground-truth row normalised to 1"),
-               ("per_class_iou.png", f"per-class IoU on {ctx.split}")]
-    figures += _save_grid(ctx, rows, ("image", "ground truth", "prediction"),
-                          "image | ground truth | prediction (class colours as in the legend; void in beige)")
-    labels = (("miou", "mean IoU"), ("pixel_accuracy", "pixel accuracy"), ("mean_accuracy", "mean accuracy"),
-              ("fwiou", "frequency-weighted IoU"), ("mean_dice", "mean Dice"))
-    summary = [(k, label, m[k]) for k, label in labels]
-    return TaskReport(summary, figures, ("miou", "pixel_accuracy"), list(zip(names, colors)),
-                      {**m, "class_names": names})
-
-
-def _instance_report(ctx: _Context) -> TaskReport:
-    """COCO mask and box AP over the split, per-class mask AP, instances with class and score."""
-    from torch.utils.data import DataLoader
-
-    from pixelwise.data.formats.coco import CocoInstances
-    from pixelwise.engine.checkpoint import model_from_checkpoint
-    from pixelwise.engine.instance import draw_instances, evaluate_instance_model, instance_collate, instance_colors
-    from pixelwise.viz import draw_labelled_masks, save_per_class_bars
-
-    names = ctx.class_names
-    model = model_from_checkpoint(ctx.ckpt, ctx.ckpt_path).to(ctx.device).eval()
-    if not Path(ctx.data).exists():
-        raise DataError(ctx.data, "dataset not found", "pass --data (a COCO JSON or a folder with annotations/)")
-    ds = CocoInstances(ctx.data, ctx.split, transforms=ctx.eval_transforms(), image_mode=ctx.image_mode)
-    if [c.name for c in ds.classes] != names:
-        raise DataError(ctx.data, f"dataset classes {[c.name for c in ds.classes]} differ from the checkpoint's "
-                                  f"{names}")
-    loader = DataLoader(ds, batch_size=ctx.batch_size, shuffle=False, num_workers=0, collate_fn=instance_collate)
-    results_path = ctx.run_dir / f"coco_results_{ctx.split}.json"
-    category_ids = list(ctx.ckpt["category_ids"])
-    m = evaluate_instance_model(model, loader, category_ids, ds.annotation_file, ctx.device, results_path)
-
-    gt = json.loads(Path(ds.annotation_file).read_text(encoding="utf-8"))
-    dets = json.loads(results_path.read_text(encoding="utf-8"))
-    per_class = per_class_mask_ap(gt, dets, category_ids[1:], ds.ids)
-    save_per_class_bars(ctx.run_dir / "per_class_ap.png", per_class, names[1:],
-                        title=f"per-class mask AP on {ctx.split} (mask AP {_fmt(m['segm']['AP'])})", xlabel="mask AP")
-
-    thr = float(getattr(model, "mask_threshold", 0.5))
-    rows = []
-    with torch.inference_mode():
-        for i in range(min(ctx.max_images, len(ds))):
-            raw = ds.load(i)
-            img = uint8_image(raw["image"])
-            s = _scale_for(*img.shape[:2])
-            big = _fit(img)  # drawn at display size, so that the text stays small
-            inst = raw["instances"]
-            crowd = inst["iscrowd"].tolist() if "iscrowd" in inst else [False] * len(inst["labels"])
-            texts = [f"{names[lab]}{' (crowd)' if c else ''}" for lab, c in zip(inst["labels"].tolist(), crowd)]
-            truth = draw_labelled_masks(big, _fit_masks(inst["masks"].numpy().astype(bool), big.shape[:2]), texts,
-                                        instance_colors(len(texts)))
-            out = model([ds[i]["image"].to(ctx.device)])[0]
-            keep = out["scores"] >= SCORE_THRESHOLD
-            out = {k: v[keep].cpu() for k, v in out.items()}
-            pred = draw_instances(big, _fit_masks((out["masks"][:, 0] >= thr).numpy(), big.shape[:2]),
-                                  out["boxes"].numpy() * s, out["labels"].tolist(), out["scores"].tolist(), names)
-            rows.append([big, truth, pred])
-    figures = [("per_class_ap.png", f"per-class mask AP on {ctx.split} (COCOeval on each category alone)")]
-    figures += _save_grid(ctx, rows, ("image", "ground truth", "prediction"),
-                          f"image | ground-truth instances | predicted instances with score >= {SCORE_THRESHOLD}")
-    summary = [(f"mask_{k}", f"mask {k}", m["segm"][k]) for k in ("AP", "AP50", "AP75", "AR100")]
-    summary += [(f"box_{k}", f"box {k}", m["bbox"][k]) for k in ("AP", "AP50", "AP75")]
-    evaluation = {**m, "per_class_mask_AP": dict(zip(names[1:], per_class)), "results_json": str(results_path),
-                  "class_names": names}
-    return TaskReport(summary, figures, ("mask_AP", "mask_AP50", "box_AP"), list(zip(names, ctx.class_colors)),
-                      evaluation)
-
-
-def per_class_mask_ap(gt: dict[str, Any], detections: list[dict[str, Any]], category_ids: Sequence[int],
-                      img_ids: Sequence[Any] | None = None, iou_type: str = "segm") -> list[float | None]:
-    """COCO AP of each category alone (COCOeval on that category's ground truth and
-    detections), in the order of ``category_ids``; None for a category without ground truth."""
-    from pixelwise.metrics.instance import coco_evaluate
-
-    out: list[float | None] = []
-    for cid in category_ids:
-        anns = [a for a in gt.get("annotations", []) if a.get("category_id") == cid]
-        if not anns:
-            out.append(None)
-            continue
-        ap = coco_evaluate({**gt, "annotations": anns}, [d for d in detections if d.get("category_id") == cid],
-                           iou_type, img_ids=img_ids)["AP"]
-        out.append(None if ap < 0 else ap)
-    return out
-
-
-def _panoptic_report(ctx: _Context) -> TaskReport:
-    """PQ / SQ / RQ (All, Things, Stuff) over the split (SPEC §8), per-class PQ, and every
-    segment in its own colour with its class and segment id."""
-    from torch.utils.data import DataLoader
-
-    from pixelwise.data.formats.coco_panoptic import CocoPanoptic
-    from pixelwise.engine.checkpoint import model_from_checkpoint
-    from pixelwise.engine.instance import instance_collate
-    from pixelwise.engine.panoptic import draw_panoptic, evaluate_panoptic_model
-    from pixelwise.viz import save_per_class_bars
-
-    cats = list(ctx.ckpt["categories"])
-    model = model_from_checkpoint(ctx.ckpt, ctx.ckpt_path).to(ctx.device).eval()
-    if not Path(ctx.data).exists():
-        raise DataError(ctx.data, "dataset not found",
-                        "pass --data (a COCO panoptic JSON or a folder with annotations/)")
-    ds = CocoPanoptic(ctx.data, ctx.split, transforms=ctx.eval_transforms(), image_mode=ctx.image_mode)
-    have = [(int(c["id"]), bool(c["isthing"])) for c in ds.categories]
-    want = [(int(c["id"]), bool(c["isthing"])) for c in cats]
-    if have != want:
-        raise DataError(ctx.data, f"dataset categories (id, isthing) {have} differ from the checkpoint's {want}")
-    loader = DataLoader(ds, batch_size=ctx.batch_size, shuffle=False, num_workers=0, collate_fn=instance_collate)
-    m = evaluate_panoptic_model(model, loader, cats, ctx.device)
-    p = m["panoptic"]
-    names = [c["name"] for c in cats]
-    per_class = [p["per_class"].get(c["id"], p["per_class"].get(str(c["id"]), {})).get("pq") for c in cats]
-    save_per_class_bars(ctx.run_dir / "per_class_pq.png", per_class,
-                        [f"{n} ({'thing' if c['isthing'] else 'stuff'})" for n, c in zip(names, cats)],
-                        title=f"per-class PQ on {ctx.split} (PQ {_fmt(p['All']['pq'])})", xlabel="PQ")
-    rows = []
-    with torch.inference_mode():
-        for i in range(min(ctx.max_images, len(ds))):
-            raw = ds.load(i)
-            img = uint8_image(raw["image"])
-            big = _fit(img)
-            out = model([ds[i]["image"].to(ctx.device)])[0]
-            truth = draw_panoptic(big, _fit_ids(raw["panoptic"].numpy(), big.shape[:2]), raw["segments"], cats)
-            pred = draw_panoptic(big, _fit_ids(out["panoptic"].cpu().numpy(), big.shape[:2]), out["segments_info"],
-                                 cats)
-            rows.append([big, truth, pred])
-    figures = [("per_class_pq.png", f"per-class panoptic quality on {ctx.split}")]
-    figures += _save_grid(ctx, rows, ("image", "ground truth", "prediction"),
-                          "image | ground-truth segments | predicted segments (each in its own colour; things "
-                          "labelled with class and segment id)")
-    summary = []
-    for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
-        summary += [(f"{k}{suffix}", f"{k.upper()} {group.lower()}", p[group][k]) for k in ("pq", "sq", "rq")]
-    if m.get("segm"):
-        summary += [(f"mask_{k}", f"things mask {k}", m["segm"][k]) for k in ("AP", "AP50")]
-    evaluation = {k: v for k, v in m.items() if k != "stat"}
-    evaluation["categories"] = cats
-    return TaskReport(summary, figures, ("pq", "pq_th", "pq_st"), [(n, tuple(c["color"])) for n, c in zip(names, cats)],
-                      evaluation)
-
-
-TASK_REPORTS: dict[str, Callable[[_Context], TaskReport]] = {
-    "semantic": _semantic_report,
-    "instance": _instance_report,
-    "panoptic": _panoptic_report,
-}
-"""Checkpoint task -> the function that evaluates and draws its part of the report."""
-
-
-# ---------------------------------------------------------------------------------------
 # pictures
 # ---------------------------------------------------------------------------------------
 
 
-def _scale_for(h: int, w: int, side: int = GRID_SIDE) -> float:
-    """The factor that brings an image's longest side to at most ``side``; images under
-    ``side / 2`` are enlarged by a whole factor (pixel replication) to stay legible."""
-    n = max(h, w, 1)
-    if n > side:
-        return side / n
-    return float(side // n) if n < side // 2 else 1.0
-
-
-def _fit(panel: np.ndarray, side: int = GRID_SIDE, nearest: bool = False) -> np.ndarray:
-    """A (H, W, 3) uint8 panel scaled by :func:`_scale_for` (nearest for label colours)."""
-    from PIL import Image
-
-    h, w = panel.shape[:2]
-    s = _scale_for(h, w, side)
-    if s == 1.0:
-        return panel
-    if s > 1:
-        k = int(s)
-        return np.repeat(np.repeat(panel, k, axis=0), k, axis=1)
-    size = (max(1, round(w * s)), max(1, round(h * s)))
-    return np.asarray(Image.fromarray(panel).resize(size, Image.NEAREST if nearest else Image.BILINEAR))
-
-
-def _fit_masks(masks: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """(K, H, W) bool masks resized (nearest) to ``hw``."""
-    if masks.shape[1:] == tuple(hw) or len(masks) == 0:
-        return masks.reshape(len(masks), *hw) if len(masks) == 0 else masks
-    t = torch.from_numpy(masks.astype(np.uint8))[None].float()
-    return torch.nn.functional.interpolate(t, size=hw, mode="nearest")[0].numpy() > 0.5
-
-
-def _fit_ids(id_map: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """An (H, W) id map resized (nearest) to ``hw``."""
-    if id_map.shape == tuple(hw):
-        return id_map
-    t = torch.from_numpy(id_map.astype(np.float64))[None, None]
-    return torch.nn.functional.interpolate(t, size=hw, mode="nearest")[0, 0].numpy().astype(id_map.dtype)
-
-
-def _save_grid(ctx: _Context, rows: list[list[np.ndarray]], titles: Sequence[str], caption: str
+def _save_grid(ctx: ReportContext, rows: list[list[np.ndarray]], titles: Sequence[str], caption: str
                ) -> list[tuple[str, str]]:
     from pixelwise.viz import titled_grid
 
@@ -471,7 +218,7 @@ border:1px solid #999;margin-right:.4em}pre{background:#f7f7f7;padding:1em;overf
 
 
 def _html(run_dir: Path, ckpt: dict[str, Any], ckpt_path: Path, task: str, data: str, split: str,
-          report: TaskReport, figures: list[tuple[str, str]], history: list[dict[str, Any]],
+          report: ReportSections, figures: list[tuple[str, str]], history: list[dict[str, Any]],
           config: dict[str, Any]) -> str:
     import yaml
 

@@ -71,7 +71,6 @@ from PIL import Image, UnidentifiedImageError
 from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pixelwise.engine.common import resolve_device
 from pixelwise.errors import DataError, PixelwiseError
-from pixelwise.viz import colorize
 
 __all__ = ["Predictor", "UploadError", "decode_upload", "make_server", "serve", "PAGE"]
 
@@ -95,133 +94,48 @@ class UploadError(PixelwiseError):
 
 class Predictor:
     """A checkpoint loaded once; :meth:`predict` segments one decoded image (thread-safe:
-    calls run one at a time). Per-task dispatch: ``semantic`` through
-    :func:`pixelwise.engine.predict.predict_array`; ``instance`` and ``panoptic`` as
-    :func:`pixelwise.engine.instance.predict_instance_files` and
-    :func:`pixelwise.engine.panoptic.predict_panoptic_files` do per image (``score_threshold``
-    applies to instance checkpoints; panoptic models merge with their own threshold)."""
+    calls run one at a time) through its task (:meth:`pixelwise.tasks.base.Task.predict` and
+    :meth:`~pixelwise.tasks.base.Task.serve_layer`); ``score_threshold`` applies to instance
+    checkpoints, panoptic models merge with their own threshold."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", *, score_threshold: float = 0.5,
                  fast: bool = False, tile: int | None = None, overlap: int | None = None, flip: bool = False,
                  scales: tuple[float, ...] | None = None):
+        from pixelwise.tasks import task_of_checkpoint
+
         ckpt = load_checkpoint(checkpoint)
+        self.ckpt = ckpt
         self.checkpoint = str(checkpoint)
-        self.task = str(ckpt.get("task", "semantic"))
-        if self.task not in _TASKS:
-            raise PixelwiseError(f"{checkpoint}: cannot serve a checkpoint of task {self.task!r} "
-                                 f"(served: {', '.join(sorted(_TASKS))})")
+        self._task = task_of_checkpoint(ckpt)
+        self.task = self._task.name
         self.model_name = ckpt["model"]["name"]
-        # panoptic checkpoints name COCO panoptic categories (the ids written into the segments)
-        classes = ckpt["categories"] if self.task == "panoptic" else ckpt["classes"]
-        self.classes = [{"id": int(c["id"]), "name": str(c["name"]), "color": [int(v) for v in c["color"]],
-                         "isthing": bool(c.get("isthing", False))} for c in classes]
+        self.classes = self._task.classes_of(ckpt)
         self.normalization = ckpt["normalization"]
         self.image_mode = self.normalization.get("image_mode", "RGB")
         self.device = resolve_device(device)
+        self.inference = {"tile": tile, "overlap": overlap, "flip": flip, "scales": scales}
+        self._task.check_eval_options({k: v for k, v in self.inference.items() if v})
         model = model_from_checkpoint(ckpt, checkpoint).eval().to(self.device)
-        if fast and self.task == "semantic":
-            from pixelwise.inference import optimize
+        if fast and self._task.supports_optimize:
+            from pixelwise.optimize import optimize
 
             model = optimize(model, inplace=True)
         self.model = model
         self.score_threshold = float(score_threshold)
-        self.inference = {"tile": tile, "overlap": overlap, "flip": flip, "scales": scales}
         self._lock = threading.Lock()
 
     def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "task": self.task, "classes": self.classes, "image_mode": self.image_mode,
                 "checkpoint": Path(self.checkpoint).name, "device": str(self.device)}
 
+    @torch.inference_mode()
     def predict(self, image: np.ndarray) -> dict[str, Any]:
         """uint8 (H, W, C) image -> ``{"labels": (H, W) int ids, "layer": (H, W, 4) uint8 RGBA,
         "legend": [row, ...]}`` (rows as in the module docstring; shares sum to 1)."""
         with self._lock:
-            return _TASKS[self.task](self, image)
-
-
-def _shares(ids: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-    counts = np.bincount(ids.ravel(), minlength=n)[:n]
-    return counts, max(1, ids.size)
-
-
-def _predict_semantic(p: Predictor, image: np.ndarray) -> dict[str, Any]:
-    from pixelwise.engine.predict import predict_array
-
-    label = predict_array(p.model, image, p.normalization, p.device, **p.inference)
-    colors = [c["color"] for c in p.classes]
-    layer = np.empty(label.shape + (4,), np.uint8)
-    layer[..., :3] = colorize(label, colors)
-    layer[..., 3] = 255
-    counts, total = _shares(label, len(p.classes))
-    legend = [{"id": i, "name": c["name"], "color": c["color"], "pixels": int(counts[i]),
-               "share": float(counts[i]) / total} for i, c in enumerate(p.classes)]
-    return {"labels": label, "layer": layer, "legend": legend}
-
-
-def _detection_input(p: Predictor, image: np.ndarray) -> list[torch.Tensor]:
-    """A uint8 (H, W[, C]) image as the one-image list detection models take (normalised)."""
-    from pixelwise.engine.predict import normalize_image
-
-    return [normalize_image(image, p.normalization).to(p.device)]
-
-
-@torch.inference_mode()
-def _predict_instance(p: Predictor, image: np.ndarray) -> dict[str, Any]:
-    from pixelwise.engine.instance import instance_colors
-
-    pred = p.model(_detection_input(p, image))[0]
-    keep = pred["scores"] >= p.score_threshold
-    pred = {k: v[keep].cpu() for k, v in pred.items()}
-    masks = (pred["masks"][:, 0] >= float(getattr(p.model, "mask_threshold", 0.5))).numpy()
-    ids = np.zeros(image.shape[:2], np.int64)
-    for k in range(len(masks) - 1, -1, -1):  # lowest score first, so the best ends on top
-        ids[masks[k]] = k + 1
-    colors = instance_colors(len(masks))
-    lut = np.zeros((len(masks) + 1, 4), np.uint8)
-    if len(masks):
-        lut[1:, :3] = np.asarray(colors, np.uint8)
-        lut[1:, 3] = 255
-    counts, total = _shares(ids, len(masks) + 1)
-    legend = [{"id": 0, "name": "(no instance)", "color": None, "pixels": int(counts[0]),
-               "share": float(counts[0]) / total}]
-    for k, (lab, score, box) in enumerate(zip(pred["labels"].tolist(), pred["scores"].tolist(),
-                                              pred["boxes"].tolist())):
-        legend.append({"id": k + 1, "name": p.classes[lab]["name"] if 0 <= lab < len(p.classes) else str(lab),
-                       "class_id": int(lab), "score": float(score), "box": [round(float(v), 1) for v in box],
-                       "color": list(colors[k]), "pixels": int(counts[k + 1]), "share": float(counts[k + 1]) / total})
-    return {"labels": ids, "layer": lut[ids], "legend": legend}
-
-
-@torch.inference_mode()
-def _predict_panoptic(p: Predictor, image: np.ndarray) -> dict[str, Any]:
-    from pixelwise.engine.panoptic import segment_colors, segments_info
-
-    pred = p.model(_detection_input(p, image))[0]
-    ids = pred["panoptic"].cpu().numpy().astype(np.int64)  # segment ids, 0 = void
-    segments = list(pred["segments_info"])
-    colors = segment_colors(segments, p.classes)
-    lut = np.zeros((max([int(ids.max(initial=0))] + [int(s["id"]) for s in segments]) + 1, 4), np.uint8)
-    names = {c["id"]: c["name"] for c in p.classes}
-    counts, total = _shares(ids, len(lut))
-    legend: list[dict[str, Any]] = [{"id": 0, "name": "(void)", "color": None, "pixels": int(counts[0]),
-                                     "share": float(counts[0]) / total}]
-    for s, info, color in zip(segments, segments_info(ids, segments), colors):
-        lut[info["id"]] = (*color, 255)
-        row = {"id": info["id"], "name": names.get(info["category_id"], str(info["category_id"])),
-               "category_id": info["category_id"], "isthing": bool(info["isthing"]), "color": list(color),
-               "pixels": int(counts[info["id"]]), "share": float(counts[info["id"]]) / total}
-        if "score" in s:
-            row["score"] = float(s["score"])
-        legend.append(row)
-    return {"labels": ids, "layer": lut[ids], "legend": legend}
-
-
-# task -> per-image prediction; a task whose checkpoints the server cannot run is not listed
-_TASKS: dict[str, Callable[[Predictor, np.ndarray], dict[str, Any]]] = {
-    "semantic": _predict_semantic,
-    "instance": _predict_instance,
-    "panoptic": _predict_panoptic,
-}
+            result = self._task.predict(self.model, image, self.ckpt, self.device,
+                                        score_threshold=self.score_threshold, **self.inference)
+            return self._task.serve_layer(result, self.ckpt)
 
 
 # ---------------------------------------------------------------------------------------

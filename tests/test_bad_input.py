@@ -251,11 +251,14 @@ def test_predict_resumes_after_an_interruption(clean: Path, checkpoint: Path, tm
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture) -> None:
     import pixelwise.engine.predict as pred
+    import pixelwise.tasks.semantic as sem
+    from pixelwise.tasks import get_task
 
     images = clean / "JPEGImages"
     names = sorted(p.stem for p in images.iterdir())
     out = tmp_path / "pred"
-    real_write, real_predict = pred.write_image, pred.predict_array
+    task = get_task("semantic")
+    real_write, real_predict = sem.write_image, task.predict
     calls = {"write": 0, "predict": []}
 
     def write_then_die(path, *args, **kwargs):  # killed while writing the 3rd overlay
@@ -264,20 +267,20 @@ def test_predict_resumes_after_an_interruption(clean: Path, checkpoint: Path, tm
             raise KeyboardInterrupt
         return real_write(path, *args, **kwargs)
 
-    monkeypatch.setattr(pred, "write_image", write_then_die)
+    monkeypatch.setattr(sem, "write_image", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         pred.predict_files(checkpoint, [images], out, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{n}.png" for n in names[:3]] + [f"{n}_overlay.png" for n in names[:2]])  # no partial or temp file
     done = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
 
-    monkeypatch.setattr(pred, "write_image", real_write)
+    monkeypatch.setattr(sem, "write_image", real_write)
 
     def counting_predict(model, image, *args, **kwargs):
         calls["predict"].append(image.shape)
         return real_predict(model, image, *args, **kwargs)
 
-    monkeypatch.setattr(pred, "predict_array", counting_predict)
+    monkeypatch.setattr(task, "predict", counting_predict)
     assert main(["predict", "--checkpoint", str(checkpoint), str(images), "--out", str(out), "--quiet",
                  "--skip-existing"]) == 0
     assert len(calls["predict"]) == len(names) - 2  # the third image had no overlay: it is redone

@@ -98,7 +98,8 @@ def test_resume_is_bit_exact_when_stopped_by_time_limit(tiny_data, tmp_path):
     _train_one_epoch_of(c, train)
     assert torch.load(resumed / "last.pt", weights_only=False)["epoch"] == 0
     c.resume = True
-    train(c)
+    result = train(c)
+    assert result["steps_run"] == result["steps"] // 2  # only epoch 2 ran: --resume was not ignored
     a = torch.load(straight / "last.pt", weights_only=False)["state_dict"]
     b = torch.load(resumed / "last.pt", weights_only=False)["state_dict"]
     for k in a:
@@ -107,7 +108,7 @@ def test_resume_is_bit_exact_when_stopped_by_time_limit(tiny_data, tmp_path):
 
 def _train_one_epoch_of(cfg, train_fn):
     """Run the 2-epoch config but crash (KeyboardInterrupt) right after the epoch-0 checkpoint."""
-    import pixelwise.engine.train as t
+    import pixelwise.engine.fit as t
 
     real_save = t.save_epoch
 
@@ -236,12 +237,13 @@ def test_median_frequency_class_weights_train(tiny_data, tmp_path):
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_data, tmp_path, monkeypatch):
     import pixelwise.engine.train as t
+    import pixelwise.tasks.semantic as sem
     from pixelwise.errors import PixelwiseError
 
     run_dir = tmp_path / "run"
     assert run(*train_args(tiny_data, run_dir, 1)) == 0
     before = (run_dir / "last.pt").read_bytes()
-    real_build_loss = t.build_loss
+    real_build_loss = sem.build_loss
 
     class NanLoss(torch.nn.Module):
         def __init__(self, criterion):
@@ -254,7 +256,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(tiny_data,
     def nan_loss(*args, **kwargs):
         return NanLoss(real_build_loss(*args, **kwargs))
 
-    monkeypatch.setattr(t, "build_loss", nan_loss)
+    monkeypatch.setattr(sem, "build_loss", nan_loss)
     from pixelwise.engine.config import load_config
 
     cfg = load_config(None, {"model": "fcn8s", "model_kwargs": {"width": 0.125, "backbone": "vgg16_bn"},

@@ -93,7 +93,7 @@ def _rank_main(rank: int, port: int, data: str, work: str) -> None:
     r["eval"] = evaluate_model(fixed_model(), loader, 6, device, instance_f1=True)
 
     # DDP training through train(): capture the bare model the loop builds
-    import pixelwise.engine.train as t
+    import pixelwise.engine.fit as t
 
     built = []
     real_build = t.build_model
@@ -103,7 +103,7 @@ def _rank_main(rank: int, port: int, data: str, work: str) -> None:
         return built[-1]
 
     t.build_model = capture
-    r["train"] = t.train(train_config(data_dir, work_dir / "run", checkpoint_every=1, keep_last=0))
+    r["train"] = t.fit(train_config(data_dir, work_dir / "run", checkpoint_every=1, keep_last=0))
     t.build_model = real_build
     r["state_dict"] = {k: v.clone() for k, v in built[0].state_dict().items()}
     torch.save(r, work_dir / f"rank{rank}.pt")

@@ -135,7 +135,7 @@ def _rank_main(rank: int, port: int, data: str, work: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
                        "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    import pixelwise.engine.instance as inst
+    import pixelwise.engine.fit as inst
     from pixelwise.engine import distributed as dist
     from pixelwise.engine.train import train
 

@@ -1,11 +1,12 @@
-"""pixelwise.inference.optimize: folded, channels_last, inference-mode models give the eager
+"""pixelwise.optimize.optimize: folded, channels_last, inference-mode models give the eager
 outputs (within 1e-4) for every architecture family, and the engine's attributes survive."""
 import pytest
 import torch
 import torch.nn as nn
 
 import pixelwise
-from pixelwise.inference import OptimizedModel, default_num_workers, find_conv_bn_pairs, fold_conv_bn, optimize
+from pixelwise.data.loading import default_num_workers
+from pixelwise.optimize import OptimizedModel, find_conv_bn_pairs, fold_conv_bn, optimize
 
 SMALL = {
     "fcn8s": dict(width=0.125, backbone="vgg16_bn"),
@@ -144,7 +145,7 @@ def test_num_workers_none_means_auto_in_every_loader(tmp_path):
     from pixelwise.engine.config import TrainConfig, load_config
     from pixelwise.engine.evaluate import evaluate_checkpoint
     from pixelwise.engine.instance import _loader
-    from pixelwise.inference import resolve_num_workers
+    from pixelwise.data.loading import resolve_num_workers
 
     assert [resolve_num_workers(None, n) for n in (1, 2, 3, 16)] == [0, 1, 2, 2]
     assert resolve_num_workers(0, 16) == 0 and resolve_num_workers(5, 2) == 5

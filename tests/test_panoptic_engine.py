@@ -17,7 +17,8 @@ from pixelwise.metrics.panoptic import pq_compute
 TINY = dict(preset="cpu", fpn_channels=16, mask_head_channels=8, box_head_dim=32, min_size=64, max_size=64,
             rpn_pre_nms_top_n_train=100, rpn_post_nms_top_n_train=50, rpn_pre_nms_top_n_test=50,
             rpn_post_nms_top_n_test=20, box_batch_size_per_image=32, rpn_batch_size_per_image=32,
-            anchor_sizes=(8, 16, 32, 64, 128), semantic_channels=32)
+            anchor_sizes=(8, 16, 32, 64, 128), semantic_channels=32,
+            scale_stuff_area=True)  # 64 x 64 images: the unscaled 4096 px would drop every stuff region
 SIZE, SEED = 64, 1
 STUFF = [c.id for c in SHAPES_CLASSES if not c.isthing]  # 0 sky, 1 grass, 2 water
 THINGS = [c.id for c in SHAPES_CLASSES if c.isthing]  # 3 circle, 4 rectangle, 5 triangle

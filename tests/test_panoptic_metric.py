@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pixelwise.data.formats import coco_panoptic as fmt
 from pixelwise.errors import DataError
 from pixelwise.metrics import PQStat, panoptic, pq_compute, pq_single_image
 from pixelwise.metrics.panoptic import format_pq_table, id2rgb, rgb2id
@@ -795,9 +796,21 @@ def test_no_images_and_default_workers(tmp_path):
     assert set(r["per_class"]) == {SKY, GRASS, PERSON, DOG}
 
 
-def test_png_variants(tmp_path, monkeypatch):
+@pytest.fixture(params=["libpng", "pil"])
+def decoder(request, monkeypatch):
+    """Each PNG decoder: libpng (torchvision's operator, the default) and PIL (the fallback)."""
+    if request.param == "pil":
+        monkeypatch.setattr(fmt, "_libpng_decode", False)
+    else:
+        fmt._decode_libpng(Path(__file__))  # looks the operator up
+        if fmt._libpng_decode is False:
+            pytest.skip("torchvision has no PNG decoder here")
+    return request.param
+
+
+def test_png_variants(tmp_path, monkeypatch, decoder):
     """Palette and RGBA PNGs decode to the same ids; truncated files and JPEGs are refused
-    (also when PIL is told to load truncated images)."""
+    (also when PIL is told to load truncated images); with either decoder."""
     gt_json, pred_json = _files(tmp_path)
     want = pq_compute(gt_json, pred_json, workers=1)
     png = tmp_path / "pred" / "000000000002.png"
@@ -883,6 +896,7 @@ def test_decode_without_arrow_export(tmp_path, monkeypatch):
     fallback (older Pillow, or image memory in several blocks) and of rgb2id."""
     gt_json, pred_json = _files(tmp_path)
     want = pq_compute(gt_json, pred_json, workers=1)
+    monkeypatch.setattr(fmt, "_libpng_decode", False)  # the PIL path is the one tested here
     png = tmp_path / "pred" / "000000000002.png"
     ids = rgb2id(np.asarray(Image.open(png).convert("RGB")))
     fast = panoptic._decode_png(png)
@@ -903,3 +917,75 @@ def test_decode_without_arrow_export(tmp_path, monkeypatch):
             monkeypatch.delattr(Image.Image, "__arrow_c_array__", raising=False)
         assert np.array_equal(panoptic._decode_png(png) & 0xFFFFFF, ids)
         assert pq_compute(gt_json, pred_json, workers=1) == want
+
+
+# ---------------------------------------------------------------------------------------
+# speed paths: libpng decoding, threads by default
+# ---------------------------------------------------------------------------------------
+
+
+def test_libpng_decode_equals_pil(tmp_path, monkeypatch, decoder):
+    """RGB, RGBA, palette, 16-bit and gray PNGs give the same uint32 ids (or the same
+    DataError) with libpng as with PIL; the libpng path does not touch PIL at all."""
+    rng = np.random.default_rng(11)
+    ids = rng.integers(0, 1 << 24, size=(37, 53)).astype(np.uint32)
+    ids[:10] = 0
+    rgb = id2rgb(ids)
+    files = {"rgb": rgb, "rgba": np.concatenate([rgb, rng.integers(0, 256, (37, 53, 1), dtype=np.uint8)], -1)}
+    for name, a in files.items():
+        Image.fromarray(a).save(tmp_path / f"{name}.png")
+    many = id2rgb((np.arange(40).reshape(5, 8) * 104729) % (1 << 24))  # 40 colours: an 8-bit palette
+    few = id2rgb(np.array([[0, 5, 70000], [5, 5, 1 << 23]] * 3))  # 4 colours: a 2-bit palette
+    for name, a, colors in (("p", many, 64), ("p2", few, 4)):
+        Image.fromarray(a).convert("P", palette=Image.Palette.ADAPTIVE, colors=colors).save(tmp_path / f"{name}.png")
+    assert (tmp_path / "p.png").read_bytes()[24:26] == b"\x08\x03" and (tmp_path / "p2.png").read_bytes()[24] == 2
+    Image.fromarray(rgb[:, :, 0]).save(tmp_path / "gray.png")
+    for name in ("rgb", "rgba"):
+        assert np.array_equal(fmt.read_panoptic_png(tmp_path / f"{name}.png"), ids)
+    for name in ("p", "p2"):  # the palette's colours (torchvision 0.29's decode_png misreads both)
+        want = rgb2id(np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")))
+        assert len(np.unique(want)) > 2 and np.array_equal(fmt.read_panoptic_png(tmp_path / f"{name}.png"), want)
+    with pytest.raises(DataError, match=r"gray.png: panoptic PNG has 1 channel\(s\), not RGB"):
+        fmt.read_panoptic_png(tmp_path / "gray.png")
+    if decoder == "libpng":
+        monkeypatch.setattr(Image, "open", lambda *a, **k: pytest.fail("PIL used"))
+        for name in ("rgb", "rgba"):
+            assert fmt._decode_libpng(tmp_path / f"{name}.png") is not None
+            fmt.read_panoptic_png(tmp_path / f"{name}.png")
+        for name in ("gray", "p", "p2"):  # left to PIL (which refuses gray)
+            assert fmt._decode_libpng(tmp_path / f"{name}.png") is None
+
+
+def test_default_threads_equal_the_loop_reference(random_files, monkeypatch):
+    """workers=None evaluates in threads (no process pool), gives exactly the numbers of one
+    process, and those of the loop reference to 1e-12."""
+    gt_json, pred_json, ref, ref_stats = random_files
+    made = []
+    real = panoptic.ThreadPoolExecutor
+    monkeypatch.setattr(panoptic, "ThreadPoolExecutor", lambda n, **k: made.append(n) or real(n, **k))
+    monkeypatch.setattr(panoptic, "_default_workers", lambda: 3)
+    monkeypatch.setattr(panoptic.multiprocessing, "get_context", lambda *a: pytest.fail("a process pool"))
+    got = pq_compute(gt_json, pred_json)
+    assert made == [3]  # 12 images: 3 threads
+    assert got == pq_compute(gt_json, pred_json, workers=1)
+    assert_results_close(got, ref, ref_stats, tol=1e-12)
+    made.clear()
+    monkeypatch.setattr(panoptic, "_THREAD_CHUNK", 1)
+    assert pq_compute(gt_json, pred_json) == got and made == [3]
+
+
+def test_thread_errors_name_the_file_and_stop_the_rest(tmp_path, monkeypatch):
+    gt, gs, pred, ps = lecture_example()
+    n = 150
+    gt_json = write_dataset(tmp_path, "gt", [(i, gt, gs) for i in range(n)], LECTURE_CATS)
+    pred_json = write_dataset(tmp_path, "pred", [(i, pred, ps) for i in range(n)], None)
+    _edit(pred_json, lambda d: d["annotations"][1]["segments_info"].pop())
+    monkeypatch.setattr(panoptic, "_default_workers", lambda: 2)
+    monkeypatch.setattr(panoptic, "_THREAD_CHUNK", 1)
+    evaluated = []
+    real = panoptic._evaluate_chunk
+    monkeypatch.setattr(panoptic, "_evaluate_chunk", lambda args: evaluated.append(1) or real(args))
+    with pytest.raises(DataError, match=r"pred/000000000001.png \(.*pred.json\): image 1: segment ids 9 are in "
+                                        r"the PNG but not in segments_info"):
+        pq_compute(gt_json, pred_json)
+    assert len(evaluated) < n  # the images queued after the error are not evaluated

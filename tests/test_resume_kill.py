@@ -53,7 +53,7 @@ def records(run: Path) -> list[dict]:
 
 
 def test_kill_9_at_a_random_moment_then_resume_gives_the_uninterrupted_result(tiny_data, tmp_path,
-                                                                               deterministic_off_afterwards):
+                                                                               deterministic_off_afterwards, capsys):
     total = EPOCHS * STEPS_PER_EPOCH
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert main(cli_args(tiny_data, straight, 0)) == 0  # uninterrupted, in this process
@@ -85,7 +85,10 @@ def test_kill_9_at_a_random_moment_then_resume_gives_the_uninterrupted_result(ti
     reached = latest_checkpoint(killed)[1]["step"]
     assert after_step <= reached < total, where
 
+    capsys.readouterr()
     assert main(cli_args(tiny_data, killed, 0, "--resume")) == 0
+    # the resumed process ran only the steps after the checkpoint (not a silent retraining from 0)
+    assert f"trained {total} steps ({total - reached} of them in this process, resumed)" in capsys.readouterr().out
     a = load_checkpoint(straight / "last.pt")
     b = load_checkpoint(killed / "last.pt")
     assert b["step"] == total
@@ -144,10 +147,11 @@ def test_a_write_interrupted_midway_leaves_the_old_checkpoint(tmp_path, monkeypa
 
 def test_a_nan_loss_stops_and_keeps_the_last_step_checkpoint(tiny_data, tmp_path, monkeypatch):
     import pixelwise.engine.train as t
+    import pixelwise.tasks.semantic as sem
     from pixelwise.engine.config import load_config
     from pixelwise.errors import PixelwiseError
 
-    real_build_loss = t.build_loss
+    real_build_loss = sem.build_loss
 
     class NanAtThirdStep(torch.nn.Module):
         def __init__(self, criterion):
@@ -159,7 +163,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_step_checkpoint(tiny_data, tmp_path
             value = self.criterion(outputs, target, pixel_weights=pixel_weights)
             return value * float("nan") if self.calls == 3 else value
 
-    monkeypatch.setattr(t, "build_loss", lambda *a, **k: NanAtThirdStep(real_build_loss(*a, **k)))
+    monkeypatch.setattr(sem, "build_loss", lambda *a, **k: NanAtThirdStep(real_build_loss(*a, **k)))
     cfg = load_config(None, {"model": "unet", "model_kwargs": {"width": 0.0625}, "data": str(tiny_data),
                              "out": str(tmp_path), "epochs": 1, "batch_size": 2, "num_workers": 0,
                              "progress": False, "checkpoint_every": 1})

@@ -4,19 +4,29 @@ The formats present are detected and each is checked in full (a ``pixelwise data
 folder holds all three):
 
 - **VOC layout** (:mod:`pixelwise.data.formats.voc`): split files (missing ids, empty
-  splits), every image (missing, unreadable, truncated), every label map (unreadable, an
-  RGB colour mask or a JPEG where a palette/index PNG is expected, size different from the
-  image, values that are no class id), instance maps (size);
+  splits, a ``train`` or ``val`` split training could not open), every image (missing,
+  unreadable, truncated), every label map decoded as training decodes it (unreadable, an RGB
+  colour mask without a colour table, a JPEG, size different from the image, values that are
+  no class id), the mask encoding (binary 0/255 said as a note; more than half ignore, binary
+  masks under a table that calls 255 ignore: errors), instance maps (size);
+- **the other semantic layouts** (``images/`` + ``masks/``, ``SPLIT/{images,masks}``, CVAT,
+  Cityscapes, ADE20K; :mod:`pixelwise.data.formats.detect`): every split opened and every
+  sample loaded through :func:`~pixelwise.data.formats.detect.open_semantic`, the code path
+  training uses, so ``data check`` and ``train`` accept and refuse the same datasets;
 - **COCO instances** (``annotations/instances_*.json`` or a JSON given directly,
   :mod:`pixelwise.data.formats.coco`): the JSON itself, images it references that are
   missing or unreadable or of another size than it says, annotations of unknown images or
   unknown categories, polygons with points outside the image, RLE of the wrong size,
-  empty splits;
+  empty splits, a folder without a ``train`` split, malformed fields (ids that are lists or
+  strings, ``iscrowd`` other than 0/1, an RLE ``counts`` that is a number: one line naming
+  the file, the entry and the field, :func:`~pixelwise.data.formats.coco.coco_field_problems`);
 - **COCO panoptic** (``annotations/panoptic_*.json`` + PNG folder,
   :mod:`pixelwise.data.formats.coco_panoptic`): the JSON and categories, every PNG
   (missing, unreadable, not RGB, size), ids in a PNG without a ``segments_info`` entry
   and entries without pixels (the checks of :func:`pixelwise.metrics.panoptic.pq_compute`),
-  unknown categories, duplicate segment ids, images without annotation and vice versa.
+  unknown categories, duplicate segment ids, images without annotation and vice versa,
+  malformed fields (segments without ``category_id``, string ids,
+  :func:`~pixelwise.data.formats.coco_panoptic.panoptic_field_problems`).
 
 Images that are accepted but converted (16-bit, with alpha, grayscale, CMYK, ...) are
 reported as warnings: training reads them (:func:`pixelwise.data.io.read_image_info`).
@@ -70,6 +80,9 @@ class DatasetCheck:
 
     root: Path
     image_mode: str | None = None
+    val_fraction: float = 0.2
+    seed: int = 0
+    colors: str | None = None
     problems: list[Problem] = field(default_factory=list)
     formats: list[tuple[str, Path]] = field(default_factory=list)
     _images: dict[Path, tuple[int, int] | None] = field(default_factory=dict)
@@ -87,7 +100,12 @@ class DatasetCheck:
 
     @property
     def warnings(self) -> list[Problem]:
-        return [p for p in self.problems if not p.is_error]
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def notes(self) -> list[Problem]:
+        """How the data is read where it had to be guessed (e.g. binary 0/255 masks)."""
+        return [p for p in self.problems if p.severity == "note"]
 
     # -- collecting ------------------------------------------------------------------------
 
@@ -135,6 +153,18 @@ class DatasetCheck:
             self.error(self.root, "dataset not found")
             return self
         found = detect_formats(self.root)
+        layout = None
+        if self.root.is_dir():
+            from pixelwise.data.formats.detect import detect_layout
+
+            try:
+                layout = detect_layout(self.root)
+            except DataError as e:
+                if not found:  # no semantic layout and no COCO JSON: say what was expected
+                    self.problems.append(Problem.of(e))
+                    return self
+            if layout is not None and layout != VOC:
+                found = [(layout, self.root)] + [(f, p) for f, p in found if f != VOC]
         if not found:
             self.error(self.root, "no dataset found: neither a VOC layout (JPEGImages/, SegmentationClass/) nor a "
                        "COCO instances or panoptic JSON",
@@ -143,10 +173,31 @@ class DatasetCheck:
         for fmt, path in found:
             self.formats.append((fmt, path))
             try:
-                {VOC: self.check_voc, COCO: self.check_coco, PANOPTIC: self.check_panoptic}[fmt](path)
+                if fmt == VOC:
+                    self.check_voc(path)
+                    self.check_training_splits(path)
+                elif fmt in (COCO, PANOPTIC):
+                    {COCO: self.check_coco, PANOPTIC: self.check_panoptic}[fmt](path)
+                else:
+                    self.check_semantic(path, fmt)
             except DataError as e:  # a problem that stops this format's checks
                 self.problems.append(Problem.of(e))
+        self.check_coco_train_split(found)
         return self
+
+    def check_coco_train_split(self, found: list[tuple[str, Path]]) -> None:
+        """A COCO (or panoptic) folder whose JSONs hold no ``train`` split: training stops there."""
+        if not self.root.is_dir():
+            return  # a JSON given directly is its own split
+        for kind, prefix in ((COCO, "instances_"), (PANOPTIC, "panoptic_")):
+            jsons = [p for f, p in found if f == kind]
+            if not jsons or any(p.name == "annotations.json" for p in jsons):
+                continue
+            splits = sorted({_split_of(p, prefix) for p in jsons})
+            if "train" not in splits:
+                name = f"annotations/{prefix}train.json"
+                self.error(self.root / name, f"no train split: the {kind} JSONs hold only {', '.join(splits)}",
+                           f"training reads {name}: add it (or rename a split's JSON)")
 
     # -- VOC layout ------------------------------------------------------------------------
 
@@ -155,6 +206,7 @@ class DatasetCheck:
             CLASS_DIRS, IMAGE_DIR, OBJECT_DIRS, SPLIT_DIR, _index_images, _label_dir, find_voc_classes,
             label_map_problem,
         )
+        from pixelwise.data.formats.folder import _read_instances
         from pixelwise.data.io import read_label
 
         num_classes: int | None
@@ -200,6 +252,7 @@ class DatasetCheck:
                 if not (label_dir / f"{sid}.png").is_file():
                     self.error(label_dir / f"{sid}.png", f"label file for id {sid!r} of split {sf.stem!r} not found")
 
+        codec = self._voc_codec(root, label_dir)
         for sid in ids:
             hw = self.image(images[sid]) if sid in images else None
             for folder, n in ((label_dir, num_classes), (object_dir, None)):
@@ -207,7 +260,15 @@ class DatasetCheck:
                 if path is None or not path.is_file():
                     continue
                 try:
-                    label = read_label(path)
+                    if folder is object_dir:
+                        label = _read_instances(path)
+                    elif codec is not None and (codec.kind == "rgb" or codec.lut is not None):
+                        label = codec.decode(path)  # as training decodes it (binary 0/255, colours, ...)
+                        n = None  # the codec checked the values
+                    else:  # ids as stored (or an encoding that could not be resolved: reported once)
+                        label = read_label(path)
+                        if codec is not None:
+                            n, ignore = codec.num_classes, codec.ignore_index
                 except DataError as e:
                     self.problems.append(Problem.of(e))
                     continue
@@ -219,16 +280,99 @@ class DatasetCheck:
                 if problem is not None:
                     self.problems.append(Problem.of(problem))
 
+    def _voc_codec(self, root: Path, label_dir: Path):
+        """The mask encoding training resolves for this VOC folder (None, with the problem
+        recorded, when it cannot be resolved)."""
+        from pixelwise.data.classes import VOC_CLASSES
+        from pixelwise.data.formats.detect import VOC_TABLES
+        from pixelwise.data.formats.folder import check_ignore_share, find_class_table, resolve_codec
+
+        masks = sorted(label_dir.glob("*.png"))
+        try:
+            _, codec = resolve_codec(root, masks, find_class_table(root, self.colors, VOC_TABLES), VOC_CLASSES)
+            check_ignore_share(root, masks, codec)
+        except DataError as e:
+            self._once(Problem.of(e))
+            return None
+        return codec
+
+    def _field_problems(self, doc: dict, found: tuple) -> dict:
+        """Record the malformed-field problems of a COCO JSON; the document without the
+        flagged entries (so the other checks do not trip over them)."""
+        general, by_image, flagged = found
+        for e in [*general, *(e for errors in by_image.values() for e in errors)]:
+            self.problems.append(Problem.of(e))
+        if not flagged:
+            return doc
+        doc = dict(doc)
+        for key in ("categories", "images", "annotations"):
+            if isinstance(doc.get(key), list):
+                doc[key] = [x for k, x in enumerate(doc[key]) if (key, k) not in flagged]
+        return doc
+
+    # -- the semantic layouts (images/ + masks/, split folders, CVAT, Cityscapes, ADE20K) ------
+
+    def check_semantic(self, root: Path, layout: str) -> None:
+        """Open every split the way training does (:func:`~pixelwise.data.formats.detect.open_semantic`)
+        and load every sample: the same readers, so the same errors."""
+        from pixelwise.data.formats.detect import layout_splits, open_semantic
+
+        seen: set[str] = set()
+        for split in self._splits_to_open(root, layout, layout_splits(root, layout)):
+            try:
+                ds = open_semantic(root, split, image_mode=self._mode(), val_fraction=self.val_fraction,
+                                   seed=self.seed, colors=self.colors)
+            except DataError as e:
+                self._once(Problem.of(e))
+                continue
+            for note in getattr(ds, "notes", ()):
+                self._once(Problem(str(root), note, None, "note"))
+            pairs = getattr(ds, "pairs", None)
+            for i in range(len(ds)):
+                key = str(pairs[i].image) if pairs is not None else f"{split}:{i}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                if pairs is not None:
+                    self.image(pairs[i].image)  # conversion notes as warnings, read once
+                try:
+                    ds.load(i)
+                except DataError as e:
+                    self._once(Problem.of(e))
+
+    def _splits_to_open(self, root: Path, layout: str, splits: list[str]) -> list[str]:
+        """Every split of the layout, and ``train`` / ``val`` (what training opens) always."""
+        return list(dict.fromkeys(["train", "val", *splits]))
+
+    def _once(self, problem: Problem) -> None:
+        if problem not in self.problems:
+            self.problems.append(problem)
+
+    def check_training_splits(self, root: Path) -> None:
+        """What training opens (``train`` and ``val`` of the VOC layout, the automatic split
+        without ImageSets): a split it cannot open is an error here too."""
+        from pixelwise.data.formats.detect import open_semantic
+
+        for split in ("train", "val"):
+            try:
+                open_semantic(root, split, image_mode=self._mode(), val_fraction=self.val_fraction, seed=self.seed,
+                              colors=self.colors)
+            except DataError as e:
+                self._once(Problem.of(e))
+
     # -- COCO instances --------------------------------------------------------------------
 
     def check_coco(self, path: Path) -> None:
         from pixelwise.data.formats.coco import BACKGROUND_NAMES, find_coco_image, segmentation_problem
+
+        from pixelwise.data.formats.coco import coco_field_problems
 
         doc = _load_json(path)
         for key in ("images", "annotations", "categories"):
             if not isinstance(doc.get(key), list):
                 raise DataError(path, f"not a COCO instance file: no '{key}' list",
                                 "a COCO instance JSON has 'images', 'annotations' and 'categories' lists")
+        doc = self._field_problems(doc, coco_field_problems(doc, path))
         split = _split_of(path, "instances_")
         root = path.parent.parent if path.parent.name == "annotations" else path.parent
         if not doc["images"]:
@@ -301,11 +445,17 @@ class DatasetCheck:
 
     def check_panoptic(self, path: Path) -> None:
         from pixelwise.data.formats.coco import find_coco_image
-        from pixelwise.metrics.panoptic import (
-            _annotations, _fmt_ids, _json_category_table, _read_id_png, _Segments, _unknown_ids,
-        )
+        from pixelwise.data.formats.coco_panoptic import SegmentsInfo as _Segments
+        from pixelwise.data.formats.coco_panoptic import annotations_by_image as _annotations
+        from pixelwise.data.formats.coco_panoptic import format_ids as _fmt_ids
+        from pixelwise.data.formats.coco_panoptic import json_category_table as _json_category_table
+        from pixelwise.data.formats.coco_panoptic import read_panoptic_png as _read_id_png
+        from pixelwise.data.formats.coco_panoptic import unknown_ids_error as _unknown_ids
+
+        from pixelwise.data.formats.coco_panoptic import panoptic_field_problems
 
         doc = _load_json(path)
+        doc = self._field_problems(doc, panoptic_field_problems(doc, path))
         split = _split_of(path, "panoptic_")
         root = path.parent.parent if path.parent.name == "annotations" else path.parent
         table = _json_category_table(doc, path, "a COCO panoptic JSON lists the categories with id and isthing")

@@ -216,7 +216,7 @@ def load_classes(path: str | Path) -> list[ClassInfo]:
 
 def save_classes(classes: Sequence[ClassInfo], path: str | Path, ignore_index: int = IGNORE_INDEX) -> Path:
     """Write ``classes.json`` atomically; returns the path written."""
-    from pixelwise.data.io import atomic_write_text
+    from pixelwise.fs import atomic_write_text
 
     data = {"classes": [c.to_dict() for c in sorted(classes, key=lambda c: c.id)], "ignore_index": ignore_index}
     _parse_classes(json.loads(json.dumps(data)), Path(path))  # refuse to write a file we could not read back

@@ -1,4 +1,4 @@
-"""Reading and writing images and label maps, and atomic file writes.
+"""Reading and writing images and label maps (atomic writes: :mod:`pixelwise.fs`).
 
 Readers turn every problem with a file (missing, unreadable, truncated, wrong kind of label
 file) into a :class:`~pixelwise.errors.DataError` that names the file and says what to do.
@@ -11,23 +11,23 @@ interrupted write leaves the old file (or nothing) in place.
 """
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import secrets
-import shutil
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Literal
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from pixelwise.data.classes import ClassInfo, palette_bytes
 from pixelwise.errors import DataError
+from pixelwise.fs import (  # noqa: F401  (re-exported)
+    DiskFullError, atomic_directory, atomic_open, atomic_write_bytes, atomic_write_text,
+)
 
 __all__ = [
+    "DiskFullError",
     "atomic_directory",
     "atomic_open",
     "atomic_write_bytes",
@@ -41,102 +41,6 @@ __all__ = [
 ]
 
 ImageMode = Literal["RGB", "L"] | None
-
-# ---------------------------------------------------------------------------------------
-# atomic writes
-# ---------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: Literal["wb", "w"] = "wb", *, fsync: bool = True,
-                encoding: str = "utf-8") -> Iterator[IO]:
-    """Open a temporary file next to ``path``; on a clean exit it replaces ``path``.
-
-    The temporary file is ``.<name>.<random>.tmp`` in the same folder (same file system, so
-    the final ``os.replace`` is atomic) and is removed if the block raises. The file gets the
-    usual permissions (0o666 minus the umask). ``fsync=True`` flushes it to disk before the
-    rename, so a crash cannot leave an empty file under the final name.
-
-    Example::
-
-        with atomic_open("model.pt") as f:
-            torch.save(state, f)
-    """
-    if mode not in ("wb", "w"):
-        raise ValueError(f"mode must be 'wb' or 'w', got {mode!r}")
-    path = Path(path)
-    folder = path.parent
-    while True:
-        tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 32 random bits collided
-            continue
-    try:
-        with os.fdopen(fd, mode, **({"encoding": encoding, "newline": ""} if mode == "w" else {})) as f:
-            yield f
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> Path:
-    """Write ``data`` to ``path`` atomically (see :func:`atomic_open`); returns the path."""
-    with atomic_open(path, "wb", fsync=fsync) as f:
-        f.write(data)
-    return Path(path)
-
-
-def atomic_write_text(path: str | Path, text: str, *, encoding: str = "utf-8", fsync: bool = True) -> Path:
-    """Write ``text`` to ``path`` atomically (see :func:`atomic_open`); returns the path."""
-    return atomic_write_bytes(path, text.encode(encoding), fsync=fsync)
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Build a folder under a temporary name; on a clean exit it is renamed to ``path``.
-
-    Yields the temporary folder (``.<name>.<random>.tmp`` next to ``path``) to fill. If the
-    block raises, the temporary folder is deleted and ``path`` is untouched, so a
-    half-written dataset is never left behind. An existing ``path`` is replaced only when it
-    is empty or ``overwrite=True``.
-
-    Raises:
-        DataError: ``path`` is a file, or a non-empty folder and ``overwrite`` is False.
-    """
-    path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise DataError(path, "exists and is not a folder", "choose another output folder")
-        if not overwrite and any(path.iterdir()):
-            raise DataError(path, "output folder exists and is not empty",
-                            "pass overwrite=True (CLI: --overwrite) or choose another folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_hex(4)
-    tmp = path.parent / f".{path.name}.{token}.tmp"
-    tmp.mkdir()
-    old = path.parent / f".{path.name}.{token}.old"
-    try:
-        yield tmp
-        if path.exists():
-            os.replace(path, old)  # the previous content, deleted once the new one is in place
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            if old.exists():
-                os.replace(old, path)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
 
 # ---------------------------------------------------------------------------------------
 # reading
@@ -328,8 +232,8 @@ def read_label(path: str | Path) -> np.ndarray:
             path,
             f"label map is a {img.mode} colour image but a palette/index PNG is expected "
             "(pixel value = class id)",
-            "convert it: ids = pixelwise.data.io.colors_to_label(read_image(path), [c.color for c in classes]), "
-            "then pixelwise.data.io.write_label_png(path, ids, classes)",
+            "pass the colour table: --colors FILE (JSON {\"name\": [r, g, b]} or CVAT labelmap.txt), or convert once: "
+            "pixelwise data convert DIR --to voc --colors FILE (in Python: pixelwise.data.io.colors_to_label)",
         )
     if img.mode in ("PA", "LA"):
         img = img.getchannel(0)

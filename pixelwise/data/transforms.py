@@ -24,10 +24,12 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "normalize_image",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "LABEL_FILL",
@@ -487,3 +489,13 @@ def build_transforms(
             steps.append(ColorJitter(color_jitter, color_jitter, color_jitter))
     steps.append(Normalize(mean, std))
     return Compose(steps)
+
+
+def normalize_image(image: np.ndarray, normalization: dict[str, Any]) -> torch.Tensor:
+    """uint8 (H, W[, C]) image -> float (C, H, W) tensor on the CPU, scaled to [0, 1] and
+    normalised with the checkpoint's ``mean``/``std`` (the model's input for one image)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
+    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
+    mean = torch.tensor(normalization["mean"]).view(-1, 1, 1)
+    std = torch.tensor(normalization["std"]).view(-1, 1, 1)
+    return (x - mean) / std

@@ -28,6 +28,8 @@ class TrainConfig:
     out: str = "runs/train"
     train_split: str = "train"
     val_split: str = "val"
+    val_fraction: float = 0.2  # share of the images held out as val where the data has no split (a fixed seed: same split every run)
+    colors: str | None = None  # colour table of RGB masks: JSON {"name": [r, g, b]} or CVAT labelmap.txt
     epochs: int = 10
     batch_size: int = 8
     lr: float = 0.01
@@ -60,9 +62,11 @@ class TrainConfig:
     keep_last: int = 3  # step checkpoints kept (the newest); 0 keeps all
     deterministic: bool = False  # deterministic kernels: a resumed run ends like an uninterrupted one
     amp: bool = True  # bf16 autocast on CUDA (no effect on the CPU)
+    grad_clip: float | None = None  # max gradient norm; null = the task's default (instance/panoptic 10, semantic off); 0 = off
     skip_bad_samples: bool = False  # leave out (and count) samples whose files raise a DataError
     tensorboard: bool = False  # also log scalars and a few images to RUN/tensorboard (engine/loggers.py)
     progress: bool = True
+    overwrite: bool = False  # train into a folder that holds another run, replacing it
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

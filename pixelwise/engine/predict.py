@@ -1,8 +1,10 @@
-"""Prediction on image files: a palette label PNG and a colour overlay per image.
+"""Prediction on image files, for every task: the task's result files per image.
 
-Images of any size: ``unet_original`` always runs by overlap-tile; other models run the
-whole image, or by sliding window with ``tile``/``overlap`` (large images, bounded
-memory); ``flip``/``scales`` add test-time augmentation (see :mod:`pixelwise.postprocess`).
+Semantic: a palette label PNG and a colour overlay; instance: an instance-id PNG, an overlay
+with class and score, and the COCO results JSON; panoptic: the COCO panoptic PNG, an overlay,
+and one ``panoptic.json`` for the folder (:mod:`pixelwise.tasks`). Images of any size:
+``unet_original`` always runs by overlap-tile; other semantic models run the whole image, or
+by sliding window with ``tile``/``overlap``; ``flip``/``scales`` add test-time augmentation.
 """
 from __future__ import annotations
 
@@ -14,13 +16,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pixelwise.data.classes import ClassInfo, palette_bytes
-from pixelwise.data.io import read_image, write_image, write_label_png
+from pixelwise.data.io import read_image
+from pixelwise.data.transforms import normalize_image  # noqa: F401  (re-exported)
 from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from pixelwise.engine.common import resolve_device
-from pixelwise.engine.evaluate import predict_labels
-from pixelwise.errors import DataError, PixelwiseError
-from pixelwise.viz import overlay
+from pixelwise.errors import DataError
+from pixelwise.tasks import task_of_checkpoint
 
 __all__ = ["predict_files", "predict_array", "normalize_image", "collect_inputs", "pending_inputs"]
 
@@ -52,71 +53,52 @@ def pending_inputs(files: Iterable[Path], out: str | os.PathLike, suffixes: Iter
     return [f for f in files if not all((out / f"{f.stem}{s}").is_file() for s in suffixes)]
 
 
-def normalize_image(image: np.ndarray, normalization: dict[str, Any]) -> torch.Tensor:
-    """uint8 (H, W[, C]) image -> float (C, H, W) tensor on the CPU, scaled to [0, 1] and
-    normalised with the checkpoint's ``mean``/``std`` (the model's input for one image)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).float().div_(255)
-    x = x[None] if x.dim() == 2 else x.permute(2, 0, 1)
-    mean = torch.tensor(normalization["mean"]).view(-1, 1, 1)
-    std = torch.tensor(normalization["std"]).view(-1, 1, 1)
-    return (x - mean) / std
-
-
 @torch.inference_mode()
 def predict_array(model: torch.nn.Module, image: np.ndarray, normalization: dict[str, Any],
                   device: torch.device | str = "cpu", *, tile: int | None = None, overlap: int | None = None,
                   flip: bool = False, scales: tuple[float, ...] | None = None) -> np.ndarray:
-    """uint8 (H, W[, C]) image -> (H, W) int64 class ids (model in eval mode)."""
+    """uint8 (H, W[, C]) image -> (H, W) int64 class ids of a semantic model (in eval mode)."""
+    from pixelwise.postprocess import predict_labels
+
     x = normalize_image(image, normalization)[None].to(device)
     return predict_labels(model, x, tile, overlap, flip, scales)[0].cpu().numpy()
 
 
+@torch.inference_mode()
 def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathLike], out: str | os.PathLike,
                   device: str = "auto", alpha: float = 0.5, progress: bool = True, *, tile: int | None = None,
                   overlap: int | None = None, flip: bool = False,
                   scales: tuple[float, ...] | None = None, fast: bool = False,
-                  skip_existing: bool = False) -> list[Path]:
-    """Write ``OUT/{stem}.png`` (palette label map) and ``OUT/{stem}_overlay.png`` per input image.
-    ``fast``: run :func:`pixelwise.inference.optimize`'s model (same outputs within 1e-4).
+                  skip_existing: bool = False, score_threshold: float = 0.5,
+                  gt_json: str | os.PathLike | None = None, ckpt: dict[str, Any] | None = None) -> list[Path]:
+    """Write the task's files for every input image (see the module docstring) into ``out``.
+    ``fast``: run :func:`pixelwise.optimize.optimize`'s model (same outputs within 1e-4).
     ``skip_existing``: leave out the images whose outputs all exist (an interrupted run
-    resumes where it stopped; every file is written atomically, the overlay last, so a killed
-    run leaves no partial file and its last image is redone). Returns the label maps written."""
-    ckpt = load_checkpoint(checkpoint)
-    if ckpt.get("task") == "instance":  # one colour per instance, class and score: engine/instance.py
-        from pixelwise.engine.instance import predict_instance_files
-
-        return predict_instance_files(checkpoint, inputs, out, device, alpha, progress, ckpt=ckpt,
-                                      skip_existing=skip_existing)
-    if ckpt.get("task") == "panoptic":  # COCO panoptic PNGs + panoptic.json, segment overlays: engine/panoptic.py
-        from pixelwise.engine.panoptic import predict_panoptic_files
-
-        if skip_existing:  # its one JSON for the whole folder would have to be merged
-            raise PixelwiseError("--skip-existing is not supported for panoptic checkpoints")
-
-        return predict_panoptic_files(checkpoint, inputs, out, device, alpha, progress, ckpt=ckpt)
+    resumes where it stopped; every file is written atomically, so a killed run leaves no
+    partial file and its last image is redone). ``score_threshold``: the lowest instance
+    score written (instance checkpoints). Returns the main file per image, then the files
+    written once per run (panoptic: ``panoptic.json``)."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
+    task = task_of_checkpoint(ckpt)
+    options = {k: v for k, v in {"tile": tile, "overlap": overlap, "flip": flip, "scales": scales}.items() if v}
+    task.check_eval_options(options)
     model = model_from_checkpoint(ckpt, checkpoint).eval()
     dev = resolve_device(device)
     model.to(dev)
-    if fast:
-        from pixelwise.inference import optimize
+    if fast and task.supports_optimize:
+        from pixelwise.optimize import optimize
 
         model = optimize(model, inplace=True)
-    norm = ckpt["normalization"]
-    mode = norm.get("image_mode", "RGB")
-    classes = [ClassInfo(c["id"], c["name"], bool(c.get("isthing", False)), tuple(c["color"])) for c in ckpt["classes"]]
-    colors = [c.color for c in classes]
-    pal = palette_bytes(classes)
+    mode = ckpt["normalization"].get("image_mode", "RGB")
     out = Path(out)
+    files = collect_inputs(inputs)
+    state = task.begin_predict(files, out, ckpt, skip_existing=skip_existing, gt_json=gt_json)
+    if skip_existing:
+        files = pending_inputs(files, out, task.output_suffixes)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    files = collect_inputs(inputs)
-    if skip_existing:
-        files = pending_inputs(files, out, SEMANTIC_OUTPUTS)
     for f in tqdm(files, desc="predict", unit="img", disable=not progress):
         image = read_image(f, mode=mode)
-        label = predict_array(model, image, norm, dev, tile=tile, overlap=overlap, flip=flip, scales=scales)
-        write_label_png(out / f"{f.stem}.png", label.astype(np.uint8), pal)
-        rgb = image if mode == "RGB" else np.repeat(image.reshape(image.shape[0], image.shape[1], 1), 3, 2)
-        write_image(out / f"{f.stem}_overlay.png", overlay(rgb, label, colors, alpha))
-        written.append(out / f"{f.stem}.png")
-    return written
+        result = task.predict(model, image, ckpt, dev, score_threshold=score_threshold, **options)
+        written.append(task.write(result, image, out, f.stem, ckpt, state, alpha))
+    return written + task.end_predict(out, ckpt, state)

@@ -5,7 +5,10 @@ pycocotools' COCOeval with ``backend="pycocotools"``; both give the same 12 numb
 checks it): AP@[.50:.05:.95], AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl
 (101-point interpolated precision, greedy matching by score, crowd regions matched but
 neither rewarded nor punished, area ranges small < 32^2 <= medium < 96^2 <= large).
-A value is -1 where COCOeval gives -1 (no ground truth in that area range).
+A value is -1 where COCOeval gives -1 (no ground truth in that area range), also when
+there are no detections at all: then COCOeval gives 0 for every AP/AR with ground truth and
+-1 for the others (pycocotools' ``loadRes`` cannot take an empty list, so an empty results
+set is built the way ``loadRes`` would build it).
 
 :func:`detections_to_coco` turns one image's model output into COCO results (bbox
 [x, y, w, h], score, category_id, RLE segmentation); :func:`write_coco_results` writes
@@ -76,8 +79,6 @@ def coco_evaluate(gt_json: str | os.PathLike | dict[str, Any], results_json: str
     dets = _load(results_json)
     if not isinstance(dets, list):
         raise PixelwiseError("results must be a list of COCO detections")
-    if not dets:
-        return {name: 0.0 for name in COCO_METRIC_NAMES}
     if backend == "auto":
         try:
             import faster_coco_eval  # noqa: F401
@@ -96,7 +97,13 @@ def coco_evaluate(gt_json: str | os.PathLike | dict[str, Any], results_json: str
         coco_gt = COCO()
         coco_gt.dataset = gt
         coco_gt.createIndex()
-        coco_dt = coco_gt.loadRes(dets)
+        if dets:
+            coco_dt = coco_gt.loadRes(dets)
+        else:  # what loadRes makes of an empty list (pycocotools' own loadRes raises IndexError)
+            coco_dt = COCO()
+            coco_dt.dataset = {"images": copy.deepcopy(gt.get("images", [])), "annotations": [],
+                               "categories": copy.deepcopy(gt.get("categories", []))}
+            coco_dt.createIndex()
         ev = Eval(coco_gt, coco_dt, iou_type)
         if img_ids is not None:
             ev.params.imgIds = list(img_ids)

@@ -21,7 +21,8 @@ import math
 import torch
 import torch.nn as nn
 
-from pixelwise.models.backbones import build_encoder
+from pixelwise.models.backbones import build_encoder, load_weights_file
+from pixelwise.models.backbones.vgg import load_fc6_fc7
 from pixelwise.models.registry import register_model
 
 __all__ = ["FCN", "FCNHead", "BilinearUpsampler", "bilinear_kernel"]
@@ -89,6 +90,12 @@ class FCN(nn.Module):
             smaller widths train on a CPU.
         learn_final_upsampler: the paper keeps the last (x8/x16/x32) upsampler fixed to
             bilinear and learns the intermediate x2 ones; set True to learn it too.
+        fc_channels: width of fc6/fc7; ``None`` = ``4096 * width`` (the paper's 4096).
+        weights_path (in ``encoder_kwargs``): a torchvision ImageNet ``vgg16``/``vgg16_bn``
+            state dict file: its ``features`` go to the encoder and, as in the paper (§3.1),
+            its fully connected fc6/fc7 are cast into the fc6 (7x7) and fc7 (1x1) convs
+            (:func:`~pixelwise.models.backbones.vgg.load_fc6_fc7`; at a reduced fc width a
+            one-line warning says they cannot be converted).
     """
 
     def __init__(
@@ -100,13 +107,16 @@ class FCN(nn.Module):
         in_channels: int = 3,
         learn_final_upsampler: bool = False,
         dropout: float = 0.5,
+        fc_channels: int | None = None,
         **encoder_kwargs,
     ):
         super().__init__()
         if stride not in (8, 16, 32):
             raise ValueError(f"FCN stride must be 8, 16 or 32, got {stride}")
+        vgg_weights = None
         if backbone.startswith("vgg"):
             encoder_kwargs["width"] = width
+            vgg_weights = encoder_kwargs.pop("weights_path", None)  # read once: features AND fc6/fc7
         elif width != 1.0:
             raise ValueError("FCN 'width' applies to VGG backbones only")
         self.encoder = build_encoder(backbone, in_channels=in_channels, **encoder_kwargs)
@@ -114,7 +124,8 @@ class FCN(nn.Module):
             raise ValueError("FCN needs an encoder with output stride 32 (features at strides 8, 16, 32)")
         ch = self.encoder.out_channels
         self.stride = stride
-        self.head = FCNHead(ch[4], num_classes, max(1, int(round(4096 * width))), dropout)
+        fc = max(1, int(round(4096 * width))) if fc_channels is None else int(fc_channels)
+        self.head = FCNHead(ch[4], num_classes, fc, dropout)
         if stride <= 16:
             self.score_pool4 = _zero_conv1x1(ch[3], num_classes)
             self.up_pool5 = BilinearUpsampler(num_classes, 2)
@@ -122,6 +133,10 @@ class FCN(nn.Module):
             self.score_pool3 = _zero_conv1x1(ch[2], num_classes)
             self.up_pool4 = BilinearUpsampler(num_classes, 2)
         self.up_final = BilinearUpsampler(num_classes, stride, learnable=learn_final_upsampler)
+        if vgg_weights is not None:  # after every layer is built: the random init draws as without weights
+            state_dict = load_weights_file(vgg_weights)
+            self.encoder.load_torchvision_state_dict(state_dict, source=str(vgg_weights))
+            load_fc6_fc7(self.head[0], self.head[3], state_dict, source=str(vgg_weights))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]

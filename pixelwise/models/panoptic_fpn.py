@@ -39,10 +39,13 @@ Contract (torchvision's detection convention, like ``maskrcnn``)
 - eval: ``model(images)`` returns one dict per image: the Mask R-CNN outputs (``boxes``,
   ``labels``, ``scores``, ``masks``) plus ``sem_seg`` (num_stuff + 1, H, W) logits,
   ``panoptic`` (H, W) int32 segment ids (0 = void) and ``segments_info`` (the segment list),
-  i.e. the two results of :func:`~pixelwise.postprocess_panoptic.merge_panoptic` with the
-  minimum stuff area scaled to the image size by
-  :func:`~pixelwise.postprocess_panoptic.scaled_stuff_area` (``stuff_area`` = 4096 px on
-  800 x 1333; ``scale_stuff_area=False`` uses it unscaled).
+  i.e. the two results of :func:`~pixelwise.postprocess_panoptic.merge_panoptic`. Stuff
+  regions under ``stuff_area`` (4096) pixels are dropped, counted at the ORIGINAL image size
+  as in detectron2's PanopticFPN (the merge runs after the semantic logits and masks are
+  resized to it). ``scale_stuff_area=True`` (a pixelwise option for small synthetic images,
+  not the reference) scales the threshold with the image area by
+  :func:`~pixelwise.postprocess_panoptic.scaled_stuff_area` (4096 px on 800 x 1333, ~63 px
+  on 128 x 128).
 
 The semantic logits are computed on the batched (resized, padded) images of the Mask R-CNN
 transform, cropped to each image's valid area and resized bilinearly to its original size;
@@ -130,7 +133,7 @@ class PanopticFPN(nn.Module):
 
     def __init__(self, instance: PixelwiseMaskRCNN, semantic: SemanticFPNHead, *, num_things: int, num_stuff: int,
                  thing_ids: Sequence[int], stuff_ids: Sequence[int], semantic_weight: float = 0.5,
-                 stuff_area: float = REFERENCE_STUFF_AREA, scale_stuff_area: bool = True,
+                 stuff_area: float = REFERENCE_STUFF_AREA, scale_stuff_area: bool = False,
                  merge_score_threshold: float = 0.5, merge_overlap_threshold: float = 0.5):
         super().__init__()
         self.instance = instance
@@ -246,11 +249,14 @@ def _resolve_counts(num_classes: int, num_things, num_stuff, thing_ids, stuff_id
 def build_panoptic_fpn(num_classes: int, *, num_things: int | None = None, num_stuff: int | None = None,
                        thing_ids: Sequence[int] | None = None, stuff_ids: Sequence[int] | None = None,
                        semantic_channels: int = 128, semantic_groups: int = 32, semantic_weight: float = 0.5,
-                       stuff_area: float = REFERENCE_STUFF_AREA, scale_stuff_area: bool = True,
+                       stuff_area: float = REFERENCE_STUFF_AREA, scale_stuff_area: bool = False,
                        merge_score_threshold: float = 0.5, merge_overlap_threshold: float = 0.5,
                        **maskrcnn_options: Any) -> PanopticFPN:
     """Build Panoptic FPN; see the module docstring for the class counts. ``maskrcnn_options``
-    (``preset``, ``backbone``, ``fpn_channels``, ...) go to :func:`build_maskrcnn` unchanged."""
+    (``preset``, ``backbone``, ``fpn_channels``, ...) go to :func:`build_maskrcnn` unchanged.
+    ``stuff_area`` (4096) is the merge's minimum stuff area at the original image size, as in
+    detectron2; ``scale_stuff_area=True`` scales it with the image area (pixelwise's option
+    for small images)."""
     if semantic_weight < 0:
         raise ValueError(f"semantic_weight must be >= 0, got {semantic_weight}")
     num_things, num_stuff, thing_ids, stuff_ids = _resolve_counts(int(num_classes), num_things, num_stuff,
@@ -265,7 +271,8 @@ def build_panoptic_fpn(num_classes: int, *, num_things: int | None = None, num_s
     model.in_channels = instance.in_channels
     model.num_classes = int(num_classes)
     model.options = {**instance.options, "num_things": num_things, "num_stuff": num_stuff,
-                     "semantic_channels": int(semantic_channels), "semantic_weight": float(semantic_weight)}
+                     "semantic_channels": int(semantic_channels), "semantic_weight": float(semantic_weight),
+                     "stuff_area": float(stuff_area), "scale_stuff_area": bool(scale_stuff_area)}
     return model
 
 

@@ -1,6 +1,8 @@
 """``pixelwise models``: a table of registered models, their parameters and GFLOPs."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from pixelwise.models.registry import build_model, list_models, model_info
@@ -25,8 +27,10 @@ def count_flops(model: torch.nn.Module, size: int | tuple[int, int], in_channels
     return float(counter.get_total_flops())
 
 
-def models_table(size: int = 512, flops: bool = True, num_classes: int = 21) -> str:
-    """One line per registered model: name, task, parameters (M), GFLOPs at ``size`` (meta device: no compute)."""
+def models_table(size: int = 512, flops: bool = True, num_classes: int = 21,
+                 batch_input: Callable[[str], bool] | None = None) -> str:
+    """One line per registered model: name, task, parameters (M), GFLOPs at ``size`` (meta device: no
+    compute) for the models that ``batch_input(name)`` says take a (1, C, H, W) batch (all when None)."""
     rows = [f"{'model':<18}{'task':<10}{'params (M)':>11}{'GFLOPs':>10}  {'input':<9} paper"]
     for name in list_models():
         info = model_info(name)
@@ -34,7 +38,7 @@ def models_table(size: int = 512, flops: bool = True, num_classes: int = 21) -> 
             model = build_model(name, num_classes)
         insize = getattr(model, "table_input_size", lambda s: s)(size)
         g = "-"
-        if flops and info.task == "semantic":
+        if flops and (batch_input is None or batch_input(name)):
             try:
                 g = f"{count_flops(model, insize, getattr(model, 'in_channels', 3)) / 1e9:.1f}"
             except Exception:  # an op without a meta kernel: report it instead of failing the table

@@ -39,6 +39,7 @@ from pixelwise.errors import DataError
 __all__ = [
     "CocoInstances",
     "annotation_from_mask",
+    "coco_field_problems",
     "decode_segmentation",
     "encode_rle",
     "find_coco_annotations",
@@ -260,6 +261,126 @@ def write_coco_instances(path: str | os.PathLike, images: Sequence[dict[str, Any
 # ---------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------
+# field types: one line per malformed entry, never a traceback or a silent misreading
+# ---------------------------------------------------------------------------------------
+
+
+def is_int(value: Any) -> bool:
+    """A JSON integer (not a bool, a string or a list)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+ID_FIX = "COCO ids are plain integers: write 3, not \"3\" or [3]"
+
+
+def unwrap_id(value: Any) -> int | None:
+    """The integer a malformed id stands for (``[3]`` or ``"3"`` -> 3), else None."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return value if is_int(value) else None
+
+
+def crowd_problem(value: Any) -> str | None:
+    """What is wrong with an ``iscrowd`` value (0, 1, false or true), or None."""
+    if value is None or value in (0, 1) and isinstance(value, (int, bool)):
+        return None
+    return f"field 'iscrowd' must be 0 or 1, got {value!r}"
+
+
+def rle_counts_problem(segm: Any) -> str | None:
+    """What is wrong with an RLE's ``counts`` (a compressed string or a list of run lengths)."""
+    if not isinstance(segm, dict) or "counts" not in segm:
+        return None
+    counts = segm["counts"]
+    if isinstance(counts, str) or (isinstance(counts, list) and all(is_int(v) and v >= 0 for v in counts)):
+        return None
+    return (f"field 'segmentation.counts' must be a string (compressed RLE) or a list of non-negative run lengths, "
+            f"got {type(counts).__name__} {counts!r}"[:200])
+
+
+def _list(doc: Any, key: str) -> list:
+    value = doc.get(key) if isinstance(doc, dict) else None
+    return value if isinstance(value, list) else []
+
+
+def coco_field_problems(doc: dict[str, Any], path: str | os.PathLike
+                        ) -> tuple[list[DataError], dict[Any, list[DataError]], set[tuple[str, int]]]:
+    """Malformed fields of a COCO instance JSON, each a DataError naming the file, the entry
+    and the field: ids that are not integers (lists, strings), ``iscrowd`` other than 0/1,
+    an RLE whose ``counts`` is neither a string nor a list, an ``image_id`` that is a string
+    or names no image.
+
+    Returns ``(general, by_image, flagged)``: problems that belong to no single image (a
+    category, an annotation of no known image), problems of one image, keyed by its image id
+    (``("images", k)`` for a malformed image entry) (a dataset raises them when loading that
+    image, so
+    ``--skip-bad-samples`` leaves the image out), and the ``(list name, index)`` of every
+    flagged entry.
+    """
+    general: list[DataError] = []
+    by_image: dict[Any, list[DataError]] = {}
+    flagged: set[tuple[str, int]] = set()
+    for k, c in enumerate(_list(doc, "categories")):
+        if not isinstance(c, dict):
+            general.append(DataError(path, f"categories[{k}] is not an object: {c!r}"[:200]))
+        elif not is_int(c.get("id")):
+            general.append(DataError(path, f"categories[{k}] ({c.get('name')!r}): field 'id' must be an integer, "
+                                     f"got {c.get('id')!r}", ID_FIX))
+        else:
+            continue
+        flagged.add(("categories", k))
+    image_ids: set[int] = set()
+    for k, im in enumerate(_list(doc, "images")):
+        if not isinstance(im, dict):
+            e = DataError(path, f"images[{k}] is not an object: {im!r}"[:200])
+        elif not is_int(im.get("id")):
+            e = DataError(path, f"images[{k}] ({im.get('file_name')!r}): field 'id' must be an integer, "
+                          f"got {im.get('id')!r}", ID_FIX)
+        elif not isinstance(im.get("file_name"), str):
+            e = DataError(path, f"images[{k}] (id {im['id']}): field 'file_name' must be a string, "
+                          f"got {im.get('file_name')!r}")
+        else:
+            image_ids.add(im["id"])
+            continue
+        by_image[("images", k)] = [e]  # a sample of its own, which fails to load
+        flagged.add(("images", k))
+        alias = unwrap_id(im.get("id")) if isinstance(im, dict) else None
+        if alias is not None:
+            flagged.add(("image_alias", alias))
+    for k, a in enumerate(_list(doc, "annotations")):
+        if not isinstance(a, dict):
+            general.append(DataError(path, f"annotations[{k}] is not an object: {a!r}"[:200]))
+            flagged.add(("annotations", k))
+            continue
+        where = f"annotations[{k}] (id {a.get('id')!r})"
+        iid = a.get("image_id")
+        if not is_int(iid):
+            e = DataError(path, f"{where}: field 'image_id' must be an integer, got {iid!r}", ID_FIX)
+            match = int(iid) if isinstance(iid, str) and iid.strip().isdigit() else None
+            (by_image.setdefault(match, []) if match in image_ids else general).append(e)
+            flagged.add(("annotations", k))
+            continue
+        if iid not in image_ids and ("image_alias", iid) in flagged:
+            flagged.add(("annotations", k))  # an annotation of a malformed image entry: that image reports it
+            continue
+        problems = []
+        for key in ("id", "category_id"):
+            if key in a and not is_int(a[key]):
+                problems.append(f"field '{key}' must be an integer, got {a[key]!r}")
+        for problem in (crowd_problem(a.get("iscrowd")), rle_counts_problem(a.get("segmentation"))):
+            if problem:
+                problems.append(problem)
+        if problems:
+            e = DataError(path, f"{where} of image {iid}: {problems[0]}",
+                          ID_FIX if "integer" in problems[0] else "fix the annotation")
+            (by_image.setdefault(iid, []) if iid in image_ids else general).append(e)
+            flagged.add(("annotations", k))
+    return general, by_image, flagged
+
+
 def find_coco_annotations(data: str | os.PathLike, split: str = "train") -> tuple[Path, Path]:
     """(annotation JSON, image root) of a COCO dataset given as a JSON file or a folder."""
     data = Path(data)
@@ -337,6 +458,9 @@ class CocoInstances(SampleDataset):
             raise ValueError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
         self.image_mode = image_mode
         doc = read_coco_json(self.annotation_file, "COCO JSON", "COCO instance")
+        general, self._bad, flagged = coco_field_problems(doc, self.annotation_file)
+        if general:
+            raise general[0]
         cats = sorted((c for c in doc["categories"] if str(c.get("name", "")).lower() not in BACKGROUND_NAMES),
                       key=lambda c: c["id"])
         self.categories = cats
@@ -350,14 +474,24 @@ class CocoInstances(SampleDataset):
         self._anns: dict[int, list[dict[str, Any]]] = {}
         self._unknown: dict[Any, list[dict[str, Any]]] = {}  # annotations whose category is not listed
         known = {c.get("id") for c in doc["categories"] if isinstance(c, dict)}
-        for a in doc["annotations"]:
+        image_ids = {im["id"] for k, im in enumerate(doc["images"]) if ("images", k) not in flagged}
+        for k, a in enumerate(doc["annotations"]):
+            if ("annotations", k) in flagged:
+                continue  # its image raises the problem when loaded
+            if a.get("image_id") not in image_ids:
+                raise DataError(self.annotation_file, f"annotations[{k}] (id {a.get('id')!r}): image_id "
+                                f"{a.get('image_id')!r} is not in 'images': the annotation would be dropped",
+                                "add the image to 'images' or remove the annotation")
             if a.get("category_id") in self._label_of:
                 self._anns.setdefault(a["image_id"], []).append(a)
             elif a.get("category_id") not in known:
                 self._unknown.setdefault(a.get("image_id"), []).append(a)
-        images = sorted(doc["images"], key=lambda im: im["id"])
+        images = sorted((im for k, im in enumerate(doc["images"]) if ("images", k) not in flagged),
+                        key=lambda im: im["id"])
+        images += [{"id": key, "file_name": str(key)} for key in self._bad if isinstance(key, tuple)]
         if skip_empty:
-            images = [im for im in images if any(not a.get("iscrowd", 0) for a in self._anns.get(im["id"], []))]
+            images = [im for im in images if im["id"] in self._bad
+                      or any(not a.get("iscrowd", 0) for a in self._anns.get(im["id"], []))]
         self.images = images
         self.ids = [im["id"] for im in images]
 
@@ -379,6 +513,8 @@ class CocoInstances(SampleDataset):
     def load(self, index: int) -> dict[str, Any]:
         """The sample at ``index`` before ``transforms``."""
         info = self.images[index]
+        if info["id"] in self._bad:
+            raise self._bad[info["id"]][0]
         path = self.image_path(info["file_name"])
         image = read_image(path, self.image_mode)
         h, w = int(image.shape[0]), int(image.shape[1])

@@ -13,6 +13,11 @@ where ``segments_info`` lists ``{id, category_id, iscrowd, area, bbox [x, y, w, 
 The folder is the JSON path without ``.json``, the default of
 :func:`pixelwise.metrics.panoptic.pq_compute` (and panopticapi).
 
+The codec of the format lives here too (the metrics import it): :func:`rgb2id` /
+:func:`id2rgb`, :func:`decode_panoptic_png` / :func:`read_panoptic_png` (a fast PNG
+decode), and the JSON tables :func:`load_panoptic_json`, :func:`category_table`,
+:func:`json_category_table`, :func:`annotations_by_image` and :class:`SegmentsInfo`.
+
 Conversion from the semantic (class id per pixel) + instance (instance id per pixel) maps of
 a VOC-layout dataset (:func:`semantic_instance_to_panoptic`):
 
@@ -39,6 +44,7 @@ the ``panoptic`` id map with its ``segments`` for PQ), with the class convention
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -47,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image, ImageFile
 
 from pixelwise.data.classes import IGNORE_INDEX, ClassInfo, palette
 from pixelwise.data.formats.base import SampleDataset
@@ -55,16 +62,378 @@ from pixelwise.data.io import atomic_directory, atomic_write_text, read_image, w
 from pixelwise.errors import DataError
 
 __all__ = [
+    "ID_MASK",
+    "MAX_ID",
+    "VOID",
     "CocoPanoptic",
+    "SegmentsInfo",
+    "annotations_by_image",
     "categories_from_classes",
+    "category_table",
+    "decode_panoptic_png",
     "find_panoptic_annotations",
+    "format_ids",
+    "id2rgb",
+    "json_category_table",
+    "load_panoptic_json",
     "panoptic_to_semantic_instance",
     "read_panoptic_png",
+    "rgb2id",
     "semantic_instance_to_panoptic",
+    "unknown_ids_error",
     "voc_to_coco_panoptic",
     "write_coco_panoptic",
     "write_panoptic_png",
 ]
+
+VOID = 0
+MAX_ID = 256 ** 3  # ids of an RGB PNG are < 2^24
+ID_MASK = np.uint32(0xFFFFFF)  # a decoded PNG pixel is R + 2^8 G + 2^16 B + 2^24 X: X is not the id
+
+
+# ---------------------------------------------------------------------------------------
+# the file format: id <-> colour, PNG decoding, JSON tables, segments_info
+# ---------------------------------------------------------------------------------------
+
+
+def rgb2id(arr: Any) -> Any:
+    """Segment ids from COCO panoptic colours: ``id = R + 256 G + 256^2 B``.
+
+    Args:
+        arr: an array (..., 3) (or (..., 4): the 4th channel is dropped) of colours 0..255,
+            or one colour ``(r, g, b)``.
+
+    Returns:
+        a uint32 array (...) of ids, or an ``int`` for one colour.
+    """
+    if not isinstance(arr, np.ndarray) and not hasattr(arr, "__array__"):
+        r, g, b = (int(v) for v in arr)
+        for v in (r, g, b):
+            if not 0 <= v <= 255:
+                raise ValueError(f"colour components must be 0..255, got {(r, g, b)}")
+        return r + 256 * g + 256 * 256 * b
+    a = np.asarray(arr)
+    if a.ndim < 1 or a.shape[-1] not in (3, 4):
+        raise ValueError(f"rgb2id expects an array (..., 3) of colours, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if a.dtype.kind not in "biu":
+            raise ValueError(f"rgb2id expects integer colours, got dtype {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() > 255):
+            raise ValueError("rgb2id expects colour components in 0..255")
+    r = a[..., 0].astype(np.uint32)
+    r |= a[..., 1].astype(np.uint32) << 8
+    r |= a[..., 2].astype(np.uint32) << 16
+    return r
+
+
+def id2rgb(ids: Any) -> Any:
+    """COCO panoptic colours from segment ids (the inverse of :func:`rgb2id`).
+
+    Args:
+        ids: an integer array (...) of ids in ``0 .. 2^24 - 1``, or one ``int``.
+
+    Returns:
+        a uint8 array (..., 3), or an ``(r, g, b)`` tuple for one id.
+    """
+    if isinstance(ids, (int, np.integer)):
+        i = int(ids)
+        if not 0 <= i < MAX_ID:
+            raise ValueError(f"panoptic ids must be in 0..{MAX_ID - 1}, got {i}")
+        return (i & 255, (i >> 8) & 255, (i >> 16) & 255)
+    a = np.asarray(ids)
+    if a.dtype.kind not in "biu":
+        raise ValueError(f"id2rgb expects integer ids, got dtype {a.dtype}")
+    if a.size and (a.min() < 0 or a.max() >= MAX_ID):
+        raise ValueError(f"panoptic ids must be in 0..{MAX_ID - 1} to fit an RGB PNG, "
+                         f"got {int(a.min())}..{int(a.max())}")
+    a = a.astype(np.uint32, copy=False)
+    out = np.empty(a.shape + (3,), np.uint8)
+    out[..., 0] = a & 255
+    out[..., 1] = (a >> 8) & 255
+    out[..., 2] = (a >> 16) & 255
+    return out
+
+
+def category_table(categories: Any) -> dict[int, Mapping[str, Any]]:
+    """``{id: info}`` from a ``{id: info}`` mapping, a list of ``{id, isthing, ...}`` dicts
+    (the ``categories`` of a COCO panoptic JSON), or plain ids (then isthing is unknown)."""
+    if isinstance(categories, Mapping):
+        return {int(k): (v if isinstance(v, Mapping) else {}) for k, v in categories.items()}
+    table: dict[int, Mapping[str, Any]] = {}
+    for c in categories:
+        if isinstance(c, Mapping):
+            if "id" not in c:
+                raise ValueError(f"category {dict(c)!r} has no 'id'")
+            cid, info = int(c["id"]), c
+        else:
+            cid, info = int(c), {}
+        if cid in table:
+            raise ValueError(f"category id {cid} is listed twice")
+        table[cid] = info
+    return table
+
+
+def json_category_table(doc: Mapping[str, Any], where: Any, fix: str) -> dict[int, Mapping[str, Any]]:
+    """:func:`category_table` of a panoptic JSON's ``categories``; DataError (at ``where``,
+    with ``fix`` when the list is missing or empty) if there is none or it is malformed.
+    Whether every category has ``isthing`` is left to the caller."""
+    cats = doc.get("categories")
+    if not isinstance(cats, list) or not cats:
+        raise DataError(where, "has no 'categories' list", fix)
+    try:
+        return category_table(cats)
+    except ValueError as e:
+        raise DataError(where, f"bad 'categories': {e}") from None
+
+
+def format_ids(ids: Iterable[int], limit: int = 10) -> str:
+    """``"3, 7, 9"``: the first ``limit`` ids for an error message, then how many in all."""
+    ids = [int(i) for i in ids]
+    s = ", ".join(str(i) for i in ids[:limit])
+    return s + (f", ... ({len(ids)} in all)" if len(ids) > limit else "")
+
+
+class SegmentsInfo:
+    """The ``segments_info`` of one image, validated, as arrays in ascending id order.
+
+    Attributes: ``ids`` (int64 segment ids), ``cats`` (their category ids), ``crowd``
+    (bool), ``by_index`` (``[-1, VOID, *ids]``: the id of each counting index of PQ).
+
+    Args:
+        segments: the list of ``{id, category_id, iscrowd (default 0), ...}``.
+        cat_ids: the known category ids.
+        where, image: named in the DataError (the file, ``"image 7"``).
+
+    Raises:
+        DataError: not a list, a segment without id/category_id, a non-integer field,
+            an id <= 0, a duplicate id, an unknown category.
+    """
+
+    __slots__ = ("by_index", "cats", "crowd", "ids")
+
+    def __init__(self, segments: Any, cat_ids: set[int] | dict, where: str, image: str):
+        if segments is None or isinstance(segments, (str, bytes, Mapping)):
+            raise DataError(where, f"{image}: segments_info must be a list of segments, got {type(segments).__name__}")
+        ids, cats, crowd = [], [], []
+        seen: set[int] = set()
+        for k, s in enumerate(segments):
+            if not isinstance(s, Mapping) or "id" not in s or "category_id" not in s:
+                raise DataError(where, f"{image}: segment #{k} must be a dict with 'id' and 'category_id', got {s!r}",
+                                "each segment is {id, category_id, iscrowd, ...}")
+            try:
+                sid, cid, isc = int(s["id"]), int(s["category_id"]), int(s.get("iscrowd", 0))
+            except (TypeError, ValueError):
+                raise DataError(where, f"{image}: segment #{k} has a non-integer id, category_id "
+                                f"or iscrowd: {s!r}") from None
+            if sid <= 0:
+                raise DataError(where, f"{image}: segment id {sid} is not allowed (0 is VOID, ids are positive)",
+                                "number segments from 1")
+            if sid in seen:
+                raise DataError(where, f"{image}: segment id {sid} appears twice in segments_info",
+                                "segment ids must be unique within an image")
+            seen.add(sid)
+            if cid not in cat_ids:
+                raise DataError(where, f"{image}: segment id {sid} has unknown category_id {cid}",
+                                "use a category id listed in the ground-truth categories")
+            ids.append(sid)
+            cats.append(cid)
+            crowd.append(isc == 1)
+        order = np.argsort(np.asarray(ids, np.int64), kind="stable")
+        self.ids = np.asarray(ids, np.int64)[order]
+        self.cats = np.asarray(cats, np.int64)[order]
+        self.crowd = np.asarray(crowd, bool)[order]
+        self.by_index = np.concatenate([[-1, VOID], self.ids])  # the id of each counting index
+
+
+def unknown_ids_error(id_map: np.ndarray, segs: SegmentsInfo, where: str, image: str) -> DataError:
+    """The DataError (to raise or collect) naming the ids of ``id_map`` that are neither VOID
+    nor in ``segs``."""
+    ids = np.unique(id_map)
+    unknown = ids[(ids != VOID) & ~np.isin(ids, segs.ids)]
+    return DataError(where, f"{image}: segment ids {format_ids(unknown)} are in the PNG but not in segments_info",
+                     "every non-zero id of the PNG needs a segments_info entry (0 = VOID)")
+
+
+class _ArrowSchema(ctypes.Structure):
+    """``struct ArrowSchema`` of the Arrow C data interface (a stable ABI)."""
+
+
+class _ArrowArray(ctypes.Structure):
+    """``struct ArrowArray`` of the Arrow C data interface."""
+
+
+_ArrowSchema._fields_ = [
+    ("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p), ("flags", ctypes.c_int64),
+    ("n_children", ctypes.c_int64), ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p)]
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64), ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))), ("dictionary", ctypes.c_void_p),
+    ("release", ctypes.c_void_p), ("private_data", ctypes.c_void_p)]
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+
+
+def _pixels_u32(im: Image.Image) -> np.ndarray:
+    """The decoded pixels of an RGB/RGBA image as uint32 (H, W), without copying them if
+    Pillow exports the image through the Arrow C data interface (Pillow >= 11.2: a fixed
+    size list of 4 uint8 per pixel over one block of image memory; the array keeps that
+    memory alive), else one copy (``tobytes``)."""
+    w, h = im.size
+    try:
+        schema_capsule, array_capsule = im.__arrow_c_array__()
+        schema = _ArrowSchema.from_address(_capsule_pointer(schema_capsule, b"arrow_schema"))
+        arr = _ArrowArray.from_address(_capsule_pointer(array_capsule, b"arrow_array"))
+        if (schema.format == b"+w:4" and schema.n_children == 1 and schema.children[0].contents.format == b"C"
+                and arr.length == w * h and arr.offset == 0 and arr.n_children == 1):
+            child = arr.children[0].contents
+            if child.n_buffers == 2 and child.offset == 0 and child.length == 4 * w * h and child.buffers[1]:
+                memory = (ctypes.c_uint32 * (w * h)).from_address(child.buffers[1])
+                memory._owner = array_capsule  # released (and the image memory with it) with the array
+                return np.frombuffer(memory, "<u4").reshape(h, w)  # bytes R, G, B, X: little-endian
+    except (AttributeError, ValueError, TypeError):  # older Pillow, memory in several blocks
+        pass
+    return np.frombuffer(im.tobytes("raw", "RGBX" if im.mode == "RGB" else "RGBA"), "<u4").reshape(h, w)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_LIBPNG_COLOR_TYPES = (2, 6)  # RGB, RGBA at 8 bits (torchvision 0.29 misreads palette PNGs as RGBA)
+_libpng_decode: Any = None  # torchvision's decode_png once imported; False when unavailable
+
+
+def _find_libpng_decoder() -> Any:
+    """torchvision's ``image::decode_png`` operator asked for RGBA output, or False.
+
+    The operator is called directly: ``torchvision.io.decode_png`` adds a DeprecationWarning
+    and a usage log to every call (torchvision 0.29 deprecates its image codecs in favour of
+    TorchCodec; the operator still ships, and without it the PIL path is used)."""
+    try:
+        from torchvision.io import image as tv_image
+
+        if not tv_image._has_image_ops():
+            return False
+        op, rgba = torch.ops.image.decode_png, tv_image.ImageReadMode.RGB_ALPHA.value
+    except (ImportError, OSError, RuntimeError, AttributeError):  # no torchvision, or one without libpng
+        return False
+    return lambda data: op(data, rgba, False)
+
+
+def _decode_libpng(path: Path) -> np.ndarray | None:
+    """The pixels of an 8-bit RGB or RGBA PNG decoded by libpng (torchvision's
+    ``decode_png``, a dependency already) as uint32 (H, W), bytes R, G, B, A; None for any
+    other file, or one libpng cannot decode, which the caller then reads through PIL.
+
+    libpng decodes these maps with about 15 % less CPU time than PIL's decoder, and it
+    releases the GIL, so that threads decode in parallel. Asked for RGBA, it writes 4 bytes
+    per pixel in (H, W, 4) memory order, which NumPy reads in place as one uint32 per pixel."""
+    global _libpng_decode
+    if _libpng_decode is None:
+        _libpng_decode = _find_libpng_decoder()
+    if _libpng_decode is False:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+    except OSError:
+        return None
+    if len(data) < 33 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if data[24] != 8 or data[25] not in _LIBPNG_COLOR_TYPES or width * height > (Image.MAX_IMAGE_PIXELS or 1 << 62):
+        return None  # 16-bit, gray, palette, huge (PIL's decompression-bomb rule): the PIL path decides
+    try:
+        chw = _libpng_decode(torch.frombuffer(data, dtype=torch.uint8))
+    except RuntimeError:  # truncated or corrupt: PIL's path names the problem
+        return None
+    hwc = chw.permute(1, 2, 0)
+    if chw.dtype != torch.uint8 or tuple(hwc.shape) != (height, width, 4) or not hwc.is_contiguous():
+        return None
+    return hwc.numpy().view("<u4").reshape(height, width)
+
+
+def decode_panoptic_png(path: str | os.PathLike) -> np.ndarray:
+    """Decode a COCO panoptic PNG into a uint32 map (H, W) whose low 24 bits are the ids
+    (``value & 0xFFFFFF``; the top byte is padding or alpha); DataError if it is not RGB.
+
+    Fast paths: libpng (:func:`_decode_libpng`) for 8-bit RGB and RGBA PNGs, else
+    PIL, which decodes an RGB PNG into 4 bytes per pixel that NumPy reads in place
+    (:func:`_pixels_u32`). Either way one little-endian uint32 per pixel: no copy, no
+    per-channel arithmetic, and the id bits are masked only where they are used. Anything
+    unusual (a missing, truncated or corrupt file, another mode) goes through
+    :func:`read_image`, which raises the library's DataError or decodes it the careful way."""
+    path = Path(path)
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:  # else a truncated file would decode (PIL fills it with grey)
+        pixels = _decode_libpng(path)
+        if pixels is not None:
+            return pixels
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:  # else PIL would fill a truncated file with grey
+        try:
+            with Image.open(path) as im:
+                if im.format in ("JPEG", "MPO"):
+                    raise DataError(path, "panoptic id map is a JPEG: lossy compression changes the ids",
+                                    "save panoptic maps as RGB PNG files")
+                if im.mode in ("RGB", "RGBA", "P"):
+                    im.load()  # errors of the file surface here
+                    return _pixels_u32(im.convert("RGB") if im.mode == "P" else im)
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+            pass
+    rgb = read_image(path, mode=None)  # the whole file is decoded: truncation is an error
+    if rgb.shape[2] not in (3, 4):
+        raise DataError(path, f"panoptic PNG has {rgb.shape[2]} channel(s), not RGB: its ids cannot be read as "
+                        "R + 256 G + 256^2 B", "write panoptic PNGs as 8-bit RGB (pixelwise.data.formats.coco_panoptic.id2rgb)")
+    return rgb2id(rgb)
+
+
+def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
+    """Read a COCO panoptic PNG as a uint32 id map (H, W).
+
+    Raises:
+        DataError: a missing, unreadable, truncated or non-RGB file.
+    """
+    return decode_panoptic_png(Path(path)) & ID_MASK
+
+
+def load_panoptic_json(src: Any, what: str) -> tuple[dict, str, Path | None]:
+    """``(the JSON dict, a label for error messages, the path or None)`` of a COCO panoptic
+    JSON given as a path or an already loaded dict; ``what`` (``"ground-truth"``) names it
+    in the DataError of a missing, unreadable or non-object file."""
+    if isinstance(src, Mapping):
+        return dict(src), f"<{what} JSON (dict)>", None
+    path = Path(src)
+    if not path.is_file():
+        raise DataError(path, f"{what} JSON file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(path, f"cannot read the {what} JSON file: {e}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"{what} JSON file is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(path, f"{what} JSON must be an object with 'annotations', got a {type(data).__name__}")
+    return data, str(path), path
+
+
+def annotations_by_image(data: dict, where: str) -> dict[Any, dict]:
+    """``{image_id: {image_id, file_name, segments_info}}`` from a panoptic JSON's
+    ``annotations``; DataError (at ``where``) if the list is missing, an entry lacks a key or
+    an image has two annotations."""
+    anns = data.get("annotations")
+    if not isinstance(anns, list):
+        raise DataError(where, "has no 'annotations' list", "a COCO panoptic JSON lists one annotation per image "
+                        "with image_id, file_name and segments_info")
+    out: dict[Any, dict] = {}
+    for k, a in enumerate(anns):
+        if not isinstance(a, Mapping) or not all(key in a for key in ("image_id", "file_name", "segments_info")):
+            raise DataError(where, f"annotation #{k} needs 'image_id', 'file_name' and 'segments_info'")
+        iid = a["image_id"]
+        if iid in out:
+            raise DataError(where, f"image_id {iid!r} has two annotations", "keep one annotation per image")
+        out[iid] = {"image_id": iid, "file_name": a["file_name"], "segments_info": a["segments_info"]}
+    return out
+
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,8 +607,6 @@ def panoptic_to_semantic_instance(id_map: Any, segments: Sequence[Mapping[str, A
 
 def write_panoptic_png(path: str | os.PathLike, id_map: Any, *, fsync: bool = True) -> Path:
     """Write a segment id map (H, W) as a COCO panoptic RGB PNG (``id2rgb``), atomically."""
-    from pixelwise.metrics.panoptic import id2rgb
-
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise ValueError(f"{path}: panoptic maps must be written as .png")
@@ -247,17 +614,6 @@ def write_panoptic_png(path: str | os.PathLike, id_map: Any, *, fsync: bool = Tr
     if a.ndim != 2:
         raise ValueError(f"{path}: id map must be 2-D (H, W), got shape {a.shape}")
     return write_image(path, id2rgb(a), fsync=fsync)
-
-
-def read_panoptic_png(path: str | os.PathLike) -> np.ndarray:
-    """Read a COCO panoptic PNG as a uint32 id map (H, W).
-
-    Raises:
-        DataError: a missing, unreadable or non-RGB file.
-    """
-    from pixelwise.metrics.panoptic import _read_id_png
-
-    return _read_id_png(Path(path))
 
 
 def write_coco_panoptic(root: str | os.PathLike, split: str, records: Iterable[Mapping[str, Any]],
@@ -364,6 +720,75 @@ def voc_to_coco_panoptic(root: str | os.PathLike, splits: Sequence[str] = ("trai
 # ---------------------------------------------------------------------------------------
 
 
+def _list(doc: Any, key: str) -> list:
+    value = doc.get(key) if isinstance(doc, Mapping) else None
+    return value if isinstance(value, list) else []
+
+
+def panoptic_field_problems(doc: dict[str, Any], path: str | os.PathLike
+                            ) -> tuple[list[DataError], dict[Any, list[DataError]], set[tuple[str, int]]]:
+    """Malformed fields of a COCO panoptic JSON, each a DataError naming the file, the entry
+    and the field: image / annotation ids that are not integers, ``segments_info`` that is
+    not a list, segments without an integer ``id`` or ``category_id``, ``iscrowd`` other
+    than 0/1. Same return value as :func:`pixelwise.data.formats.coco.coco_field_problems`
+    (``by_image`` keys: image ids, or ``("images", k)`` for a malformed image entry)."""
+    from pixelwise.data.formats.coco import ID_FIX, crowd_problem, is_int, unwrap_id
+
+    general: list[DataError] = []
+    by_image: dict[Any, list[DataError]] = {}
+    flagged: set[tuple[str, int]] = set()
+    image_ids: set[int] = set()
+    for k, im in enumerate(_list(doc, "images")):
+        if isinstance(im, Mapping) and is_int(im.get("id")) and isinstance(im.get("file_name"), str):
+            image_ids.add(im["id"])
+            continue
+        what = (f"images[{k}] ({im.get('file_name')!r}): field 'id' must be an integer, got {im.get('id')!r}"
+                if isinstance(im, Mapping) and not is_int(im.get("id")) else
+                f"images[{k}]: needs an integer 'id' and a string 'file_name', got {im!r}"[:200])
+        by_image[("images", k)] = [DataError(path, what, ID_FIX)]
+        flagged.add(("images", k))
+        alias = unwrap_id(im.get("id")) if isinstance(im, Mapping) else None
+        if alias is not None:
+            flagged.add(("image_alias", alias))
+    for k, a in enumerate(_list(doc, "annotations")):
+        if not isinstance(a, Mapping):
+            general.append(DataError(path, f"annotations[{k}] is not an object: {a!r}"[:200]))
+            flagged.add(("annotations", k))
+            continue
+        iid = a.get("image_id")
+        where = f"annotations[{k}] (image_id {iid!r})"
+        problem = None
+        if is_int(iid) and iid not in image_ids and ("image_alias", iid) in flagged:
+            flagged.add(("annotations", k))  # the annotation of a malformed image entry: that image reports it
+            continue
+        if not is_int(iid):
+            problem = f"field 'image_id' must be an integer, got {iid!r}"
+            iid = int(iid) if isinstance(iid, str) and iid.strip().isdigit() else None
+        elif not isinstance(a.get("segments_info"), list):
+            problem = f"field 'segments_info' must be a list of segments, got {a.get('segments_info')!r}"[:200]
+        else:
+            for j, seg in enumerate(a["segments_info"]):
+                if not isinstance(seg, Mapping):
+                    problem = f"segments_info[{j}] is not an object: {seg!r}"[:200]
+                    break
+                for key in ("id", "category_id"):
+                    if key not in seg:
+                        problem = f"segments_info[{j}] (id {seg.get('id')!r}) has no field '{key}'"
+                    elif not is_int(seg[key]):
+                        problem = f"segments_info[{j}]: field '{key}' must be an integer, got {seg[key]!r}"
+                    if problem:
+                        break
+                if not problem and crowd_problem(seg.get("iscrowd")):
+                    problem = f"segments_info[{j}] (id {seg['id']}): {crowd_problem(seg.get('iscrowd'))}"
+                if problem:
+                    break
+        if problem:
+            e = DataError(path, f"{where}: {problem}", ID_FIX if "integer" in problem else "fix the segment")
+            (by_image.setdefault(iid, []) if iid in image_ids else general).append(e)
+            flagged.add(("annotations", k))
+    return general, by_image, flagged
+
+
 def find_panoptic_annotations(data: str | os.PathLike, split: str = "train") -> tuple[Path, Path, Path]:
     """(panoptic JSON, its PNG folder, image root) of a COCO panoptic dataset given as the
     JSON itself or as a folder with ``annotations/panoptic_{split}.json`` (``pixelwise data
@@ -464,8 +889,13 @@ class CocoPanoptic(SampleDataset):
         self.stuff_ids = [c["id"] for c in cats if not c["isthing"]]
         self._label_of = {cid: i for i, cid in enumerate(self.thing_ids, start=1)}
         self._stuff_of = {cid: j for j, cid in enumerate(self.stuff_ids)}
+        general, self._bad, flagged = panoptic_field_problems(doc, self.annotation_file)
+        if general:
+            raise general[0]
         anns = {}
         for k, a in enumerate(doc["annotations"]):
+            if ("annotations", k) in flagged:
+                continue  # its image raises the problem when loaded
             if not isinstance(a, Mapping) or not all(key in a for key in ("image_id", "file_name", "segments_info")):
                 raise DataError(self.annotation_file,
                                 f"annotation #{k} needs 'image_id', 'file_name' and 'segments_info'")
@@ -474,8 +904,10 @@ class CocoPanoptic(SampleDataset):
                                 "keep one annotation per image")
             anns[a["image_id"]] = a
         self._anns = anns
-        images = sorted(doc["images"], key=lambda im: im["id"])
-        missing = [im["id"] for im in images if im["id"] not in anns]
+        images = sorted((im for k, im in enumerate(doc["images"]) if ("images", k) not in flagged),
+                        key=lambda im: im["id"])
+        images += [{"id": key, "file_name": str(key)} for key in self._bad if isinstance(key, tuple)]
+        missing = [im["id"] for im in images if im["id"] not in anns and im["id"] not in self._bad]
         if missing:
             raise DataError(self.annotation_file, f"images {missing[:10]} have no annotation (segments_info)",
                             "every image needs an entry in 'annotations'")
@@ -509,6 +941,8 @@ class CocoPanoptic(SampleDataset):
     def load(self, index: int) -> dict[str, Any]:
         """The sample at ``index`` before ``transforms``."""
         info = self.images[index]
+        if info["id"] in self._bad:
+            raise self._bad[info["id"]][0]
         ann = self._anns[info["id"]]
         path = self.image_path(info["file_name"])
         image = read_image(path, self.image_mode)

@@ -122,6 +122,8 @@ class VOCSegmentation(SampleDataset):
             class_names.txt or the VOC classes).
         with_instances: also load ``SegmentationObject`` as ``instance_map``.
         image_mode: ``"RGB"`` (3 channels) or ``"L"`` (1 channel).
+        ids: the sample ids of ``split`` when it has no split file (the automatic split of
+            :func:`pixelwise.data.formats.folder.auto_split`); default: read the split file.
 
     A sample is a dict: ``image`` float32 (C, H, W) in [0, 1]; ``semantic`` int64 (H, W)
     with 255 = ignore; ``instance_map`` int64 (H, W) (0 = none, 255 = ignore) when
@@ -141,6 +143,7 @@ class VOCSegmentation(SampleDataset):
         classes: Sequence[ClassInfo] | None = None,
         with_instances: bool = False,
         image_mode: Literal["RGB", "L"] = "RGB",
+        ids: Sequence[str] | None = None,
     ) -> None:
         self.root = Path(root)
         self.split = split
@@ -174,7 +177,9 @@ class VOCSegmentation(SampleDataset):
                 raise DataError(self.root, f"no instance folder with PNG files ({' or '.join(OBJECT_DIRS)})",
                                 "pass with_instances=False, or add SegmentationObject/ PNGs")
 
-        self.ids = self._read_ids(split)
+        self.ids = list(ids) if ids is not None else self._read_ids(split)
+        if not self.ids:
+            raise DataError(self.root, f"split {split!r} is empty", "check the split (and --val-fraction)")
         images = _index_images(image_dir)
         self.image_files: list[Path] = []
         for sample_id in self.ids:
@@ -199,7 +204,8 @@ class VOCSegmentation(SampleDataset):
         if not split_file.is_file():
             available = sorted(p.stem for p in split_dir.glob("*.txt")) if split_dir.is_dir() else []
             fix = (f"available splits: {', '.join(available)}" if available
-                   else "this dataset has no ImageSets/Segmentation: use split='all'")
+                   else "this dataset has no ImageSets/Segmentation: use split='all', or open it with "
+                        "pixelwise.data.formats.detect.open_semantic (as train does) for the automatic train/val split")
             if available and "all" not in available:
                 fix += ", or 'all' for every labelled image"
             raise DataError(split_file, f"split file for split {split!r} not found", fix)

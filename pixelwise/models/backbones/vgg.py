@@ -6,6 +6,7 @@ and :func:`load_state_dict_checked` (strict loading with errors that name the ke
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -16,7 +17,7 @@ from pixelwise.errors import CheckpointError
 from pixelwise.models.backbones.base import Encoder
 from pixelwise.models.backbones.weights import adapt_input_conv_weight
 
-__all__ = ["VGGEncoder", "VGG16_STAGES"]
+__all__ = ["VGGEncoder", "VGG16_STAGES", "vgg_fc_as_conv", "load_fc6_fc7"]
 
 #: Output channels of the 13 VGG16 convolutions, grouped by stage (configuration "D").
 VGG16_STAGES: tuple[tuple[int, ...], ...] = (
@@ -121,7 +122,8 @@ class VGGEncoder(Encoder):
         """Load a torchvision ``vgg16`` / ``vgg16_bn`` state dict (``features.N.*`` keys).
 
         The ``features.N`` layers are matched to ours by order (conv, [BN], conv, ...); the
-        ``classifier.*`` keys are ignored. With ``in_channels != 3`` the first conv's RGB
+        ``classifier.*`` keys are ignored here (FCN casts fc6/fc7 into convs with
+        :func:`load_fc6_fc7`). With ``in_channels != 3`` the first conv's RGB
         weights are adapted by :func:`adapt_input_conv_weight`. Errors name ``source`` and the
         offending key.
         """
@@ -166,3 +168,64 @@ class VGGEncoder(Encoder):
                 new_sd[f"stages.{names[module]}.{pname}"] = value
             first = first and not isinstance(module, nn.Conv2d)
         self.load_state_dict(new_sd, strict=True)
+
+
+#: torchvision VGG16 classifier keys of fc6 and fc7 (``classifier.0``, ``classifier.3``)
+_FC_KEYS = {"fc6": "classifier.0", "fc7": "classifier.3"}
+
+
+def vgg_fc_as_conv(state_dict: Mapping[str, torch.Tensor], source: str = "state dict",
+                   pool5_channels: int = 512, pool5_size: int = 7) -> dict[str, torch.Tensor] | None:
+    """VGG16's fully connected fc6/fc7 cast into convolutions, as FCN does (FCN §3.1).
+
+    torchvision flattens pool5 (C, 7, 7) in C, H, W order before ``classifier.0``, so fc6's
+    (4096, 25088) weight is exactly a (4096, 512, 7, 7) kernel and fc7's (4096, 4096) a 1x1
+    kernel: on a 7 x 7 pool5 map the 7x7 conv (at its centre) equals the linear layer.
+
+    Returns ``{"fc6.weight", "fc6.bias", "fc7.weight", "fc7.bias"}``, or ``None`` when the
+    state dict has no classifier (e.g. a features-only file). Raises
+    :class:`~pixelwise.errors.CheckpointError` naming ``source`` and the key when it has part
+    of one or shapes that are not VGG16's.
+    """
+    keys = [f"{_FC_KEYS[n]}.{p}" for n in ("fc6", "fc7") for p in ("weight", "bias")]
+    present = [k for k in keys if k in state_dict]
+    if not present:
+        return None
+    if len(present) != len(keys):
+        missing = sorted(set(keys) - set(present))
+        raise CheckpointError(f"{source}: has {', '.join(present)} but not {', '.join(missing)}")
+    w6, b6 = state_dict["classifier.0.weight"], state_dict["classifier.0.bias"]
+    w7, b7 = state_dict["classifier.3.weight"], state_dict["classifier.3.bias"]
+    n6 = int(w6.shape[0]) if w6.ndim == 2 else -1
+    if w6.ndim != 2 or w6.shape[1] != pool5_channels * pool5_size ** 2 or tuple(b6.shape) != (n6,):
+        raise CheckpointError(f"{source}: classifier.0 (fc6) has shape {tuple(w6.shape)}, expected "
+                              f"(N, {pool5_channels * pool5_size ** 2}) = N x {pool5_channels} x {pool5_size} x "
+                              f"{pool5_size}")
+    if w7.ndim != 2 or w7.shape[1] != n6 or tuple(b7.shape) != (w7.shape[0],):
+        raise CheckpointError(f"{source}: classifier.3 (fc7) has shape {tuple(w7.shape)}, expected (M, {n6})")
+    return {"fc6.weight": w6.reshape(n6, pool5_channels, pool5_size, pool5_size), "fc6.bias": b6,
+            "fc7.weight": w7.reshape(w7.shape[0], n6, 1, 1), "fc7.bias": b7}
+
+
+def load_fc6_fc7(fc6: nn.Conv2d, fc7: nn.Conv2d, state_dict: Mapping[str, torch.Tensor],
+                 source: str = "state dict") -> bool:
+    """Copy VGG16's fc6/fc7 (:func:`vgg_fc_as_conv`) into the convolutions ``fc6`` (7x7) and
+    ``fc7`` (1x1). Returns True when copied; False, with a one-line warning, when the file
+    has no classifier or the convs are not the paper's widths (reduced width)."""
+    convs = vgg_fc_as_conv(state_dict, source)
+    if convs is None:
+        warnings.warn(f"{source}: no classifier.0/classifier.3 (fc6/fc7) in the file: fc6/fc7 start random",
+                      UserWarning, stacklevel=2)
+        return False
+    ours = {"fc6.weight": fc6.weight, "fc6.bias": fc6.bias, "fc7.weight": fc7.weight, "fc7.bias": fc7.bias}
+    bad = [k for k, t in convs.items() if ours[k] is None or tuple(ours[k].shape) != tuple(t.shape)]
+    if bad:
+        warnings.warn(f"{source}: fc6/fc7 cannot be converted: the model's fc6/fc7 have {fc6.out_channels}/"
+                      f"{fc7.out_channels} channels, ImageNet VGG16's {convs['fc6.weight'].shape[0]}/"
+                      f"{convs['fc7.weight'].shape[0]} (reduced width): they start random",
+                      UserWarning, stacklevel=2)
+        return False
+    with torch.no_grad():
+        for k, t in convs.items():
+            ours[k].copy_(t)
+    return True
