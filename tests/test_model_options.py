@@ -143,3 +143,31 @@ def test_build_maskrcnn_directly_takes_the_alias_too(resnet18_file):
         m = build_maskrcnn(3, preset="cpu", backbone="resnet18", weights_path=str(path))
     assert torch.equal(m.backbone.encoder.state_dict()["conv1.weight"], sd["conv1.weight"])
     assert m.options["backbone_weights"] == str(path) and "weights_path" not in m.options
+
+
+@pytest.mark.parametrize("name", sorted(ENCODER_MODELS))
+def test_no_model_reads_its_weight_file_while_rebuilt_for_a_checkpoint(name, tmp_path):
+    """model_from_checkpoint rebuilds inside weight_files_skipped: every model, FCN's own
+    fc6/fc7 read included, must then leave the (possibly absent) file alone."""
+    from pixelwise.errors import CheckpointError
+    from pixelwise.models.backbones import weight_files_skipped
+
+    missing = str(tmp_path / "not-here.pth")
+    kw = {**ENCODER_MODELS[name], "backbone": "vgg16" if name.startswith("fcn") else "resnet18"}
+    if name.startswith("fcn"):
+        kw["width"] = 0.125
+    with weight_files_skipped():
+        build_model(name, 3, backbone_weights=missing, **kw)
+    with pytest.raises(CheckpointError, match="weights file not found"):
+        build_model(name, 3, backbone_weights=missing, **kw)
+
+
+def test_fcn_casts_fc6_fc7_from_the_file_given_as_backbone_weights(tmp_path):
+    """FCN reads fc6/fc7 from the VGG16 file too; the current keyword must reach that read."""
+    torch.manual_seed(0)
+    net = torchvision.models.vgg16(weights=None)
+    path = tmp_path / "vgg16.pth"
+    torch.save(net.state_dict(), path)
+    fcn = build_model("fcn32s", 3, backbone_weights=str(path))
+    assert torch.equal(fcn.head[0].weight.flatten(1), net.classifier[0].weight)
+    assert torch.equal(fcn.encoder.stages[0][0].weight, net.features[0].weight)

@@ -39,10 +39,16 @@ __all__ = [
     "load_weights_file",
     "dilatable",
     "weight_files_skipped",
+    "skipping_weight_files",
 ]
 
 # True while a model is rebuilt to receive a checkpoint's state dict (see weight_files_skipped)
 _SKIP_WEIGHT_FILES: contextvars.ContextVar[bool] = contextvars.ContextVar("skip_weight_files", default=False)
+
+
+def skipping_weight_files() -> bool:
+    """True inside :func:`weight_files_skipped` (for models that read a weight file themselves)."""
+    return _SKIP_WEIGHT_FILES.get()
 
 
 @contextlib.contextmanager
