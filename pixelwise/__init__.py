@@ -1,13 +1,19 @@
-"""pixelwise: CNN image segmentation - train, evaluate, predict and export the classic networks."""
-from pixelwise.models.registry import build_model, list_models
+"""pixelwise: CNN image segmentation - train, evaluate, predict and export the classic networks.
 
+Three lines::
+
+    import pixelwise
+    seg = pixelwise.load("runs/demo/run")     # run folder, checkpoint, pretrained folder or hub id
+    result = seg.predict("image.png")          # typed result: .labels / .masks / .id_map, .overlay(), .save()
+
+and to train on your own Python dataset of (image, mask) pairs::
+
+    pixelwise.train("unet", my_dataset, classes=["background", "cell"], out="runs/cells")
+"""
 __version__ = "0.1.0"
-__all__ = ["build_model", "list_models", "train", "__version__"]
 
+from pixelwise.api import Segmenter, load  # noqa: E402  (after __version__: the API reads it)
+from pixelwise.engine.train import train_on as train  # noqa: E402
+from pixelwise.models.registry import build_model, list_models  # noqa: E402
 
-def __getattr__(name: str):
-    if name == "train":  # imported on first use: `import pixelwise` stays light
-        from pixelwise.engine.train import train_on
-
-        return train_on
-    raise AttributeError(f"module 'pixelwise' has no attribute {name!r}")
+__all__ = ["build_model", "list_models", "load", "Segmenter", "train", "__version__"]

@@ -302,8 +302,14 @@ def _cmd_predict(a: argparse.Namespace) -> int:
 def _cmd_export(a: argparse.Namespace) -> int:
     from pixelwise.export import export_checkpoint
 
-    path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=a.dynamic, size=a.size)
-    print(f"exported {a.format} model to {path}" + (" (dynamic input size)" if a.dynamic else ""))
+    dynamic = True if a.dynamic else None
+    path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=dynamic, size=a.size)
+    if a.format == "safetensors":
+        print(f"wrote {path}/model.safetensors and config.json (load with pixelwise.load({str(path)!r}))")
+    else:
+        free = a.dynamic or a.size is None
+        print(f"exported {a.format} model to {path}" +
+              (" (free input size)" if free else f" (fixed input size {a.size}x{a.size})"))
     return 0
 
 
@@ -311,8 +317,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from pixelwise.serve import serve
 
     serve(a.checkpoint, a.host, a.port, device=a.device, max_upload_mb=a.max_upload_mb,
-          max_megapixels=a.max_megapixels, score_threshold=a.score_threshold, fast=a.fast,
-          log_requests=not a.quiet, **_inference_kwargs(a))
+          max_megapixels=a.max_megapixels, max_memory_gb=a.max_memory, allowed_hosts=tuple(a.allow_host),
+          score_threshold=a.score_threshold, fast=a.fast, log_requests=not a.quiet, **_inference_kwargs(a))
     return 0
 
 
@@ -507,26 +513,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("export", help="export a checkpoint's model (ONNX) for deployment")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p = sub.add_parser("export", help="export a model (ONNX, torch.export, safetensors) for deployment or sharing")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint, a run folder or a pretrained folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch-export", "safetensors"],
+                   help="onnx (semantic, Mask R-CNN, Panoptic FPN), torch-export (.pt2, semantic) or safetensors (a folder: "
+                        "model.safetensors + config.json for pixelwise.load)")
+    p.add_argument("--out", required=True, help="output file (model.onnx, model.pt2) or folder (safetensors)")
+    p.add_argument("--size", type=int, help="fix the input to SIZE x SIZE (default: free height and width; "
+                                            "predict --onnx resizes other images to a fixed size)")
     p.add_argument("--dynamic", action="store_true",
-                   help="free height and width, and batch size (a Mask R-CNN graph takes one image per run)")
-    p.add_argument("--size", type=int, help="example input side (default 512; the only size without --dynamic)")
+                   help="free height and width even with --size (then only the example input's side)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("serve", help="a local web page to try a checkpoint on your own images",
                        description="Serve one page: choose or drop an image, see the segmentation over it (opacity "
                                    "slider), a legend with pixel shares; instance and panoptic checkpoints show every "
                                    "instance / segment in its own colour. "
-                                   "API: POST the image bytes to /api/predict (JSON answer). See pixelwise/serve.py.")
-    p.add_argument("--checkpoint", required=True)
+                                   "API: POST the image (raw bytes, or a form field named file: curl -F "
+                                   "file=@img.png) to /api/predict (JSON answer). See pixelwise/serve.py.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint, a run folder, a pretrained folder (model.safetensors + config.json) or a "
+                        "hub repo id in the local hub cache")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use besides localhost and --host (requests naming any other "
+                        "host are refused: DNS rebinding protection); repeatable")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get HTTP 413 (default 20)")
-    p.add_argument("--max-megapixels", type=float, default=40.0,
-                   help="images with more pixels get HTTP 413 (default 40)")
+    p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
+                   help="peak memory budget of the server in GB (default 2): the largest accepted image is "
+                        "measured at start-up to keep one request under it; larger images get HTTP 413")
+    p.add_argument("--max-megapixels", type=float, default=None,
+                   help="a pixel cap besides the memory budget (default: none)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="instance checkpoints: lowest score shown")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="do not log requests")

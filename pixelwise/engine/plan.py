@@ -12,8 +12,8 @@ chooses, each only where the user set nothing:
 - the batch: the largest (up to 4) whose measured peak memory stays within the budget
   (default half the available RAM, ``--max-memory``): one forward/backward pass of a batch of 2
   at the crop size, peak RSS from the kernel (``VmHWM``);
-- the length: repetitions so an epoch has about 40 steps, and epochs so the run takes about
-  :data:`CPU_MINUTES` minutes at the measured step time (``time_limit`` stops it at 1.5x that).
+- the length: about :data:`CPU_MINUTES` minutes of steps at the measured step time, in 3 to 20
+  epochs of about 40 steps (random crops of repeated images); ``time_limit`` stops it at 1.5x that.
 """
 from __future__ import annotations
 
@@ -183,11 +183,14 @@ def plan_training(cfg: TrainConfig, explicit: set[str], max_memory: int | None =
                 f"{budget / 2 ** 30:.1f} GB: pass a smaller --crop-size, --max-memory or --model-arg width=...")
     changes["batch_size"] = batch
     step_s = sec_per_image * batch
-    if "repeat" not in explicit:
-        changes["repeat"] = max(1, math.ceil(STEPS_PER_EPOCH * batch / max(1, len(ds))))
-    steps_per_epoch = max(1, len(ds) * changes.get("repeat", cfg.repeat) // batch)
+    # the run's length: about CPU_MINUTES of steps, in 3..20 epochs (an evaluation and a checkpoint each)
+    total = max(30, int(CPU_MINUTES * 60 / max(step_s, 1e-3)))
     if "epochs" not in explicit:
-        changes["epochs"] = max(1, round(CPU_MINUTES * 60 / max(step_s, 1e-3) / steps_per_epoch))
+        changes["epochs"] = max(3, min(20, round(total / STEPS_PER_EPOCH)))
+    epochs = changes.get("epochs", cfg.epochs)
+    if "repeat" not in explicit:
+        changes["repeat"] = max(1, math.ceil(max(1, total // epochs) * batch / max(1, len(ds))))
+    steps_per_epoch = max(1, len(ds) * changes.get("repeat", cfg.repeat) // batch)
     if "time_limit" not in explicit:
         changes["time_limit"] = CPU_MINUTES * 60 * 1.5
     cfg = dataclasses.replace(cfg, **changes)

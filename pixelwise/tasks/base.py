@@ -155,10 +155,14 @@ class Task:
     #: :func:`pixelwise.optimize.optimize` (conv+BN folding, channels_last) applies to its models
     supports_optimize: ClassVar[bool] = False
     #: how :mod:`pixelwise.export` exports its models: "dense" (batch -> logits), "detection"
-    #: (one image -> boxes, labels, scores, masks) or None (no export yet)
+    #: (one image -> boxes, labels, scores, masks), "detection+semantic" (plus semantic logits,
+    #: merged after the graph) or None (no export yet)
     export_kind: ClassVar[str | None] = None
     #: the model takes a list of (C, H, W) images (torchvision's detection convention), not a batch
     image_list_input: ClassVar[bool] = False
+    #: keyword options of :meth:`predict` besides tiling / TTA (``pixelwise.load(...).predict``
+    #: refuses the others by name)
+    predict_options: ClassVar[frozenset[str]] = frozenset()
     #: files written per input image by :meth:`write`, in order (``--skip-existing``)
     output_suffixes: ClassVar[tuple[str, ...]] = (".png", "_overlay.png")
 
