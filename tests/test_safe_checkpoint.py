@@ -119,6 +119,18 @@ def test_serve_predictor_does_not_run_it(evil):
     assert not marker.exists()
 
 
+def test_pixelwise_load_does_not_run_it(evil):
+    """The Python API, from the file and from its run folder (best.pt, else last.pt)."""
+    import pixelwise
+
+    path, marker = evil
+    for source in (path, path.parent):
+        with pytest.raises(UnsafeCheckpointError) as e:
+            pixelwise.load(source)
+        assert_refused(str(e.value), path)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("command", ["export", "serve"])
 def test_a_subprocess_exits_non_zero_with_one_line(command, evil, tmp_path):
     """Through ``python -m pixelwise``; ``serve`` in a subprocess too, since a serve that loaded
