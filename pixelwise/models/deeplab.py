@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.models.backbones import build_encoder
+from pixelwise.models.backbones import build_encoder, dilatable
 from pixelwise.models.blocks import ConvBNReLU, PooledBatchNorm2d, resolve_output_stride
 from pixelwise.models.fcn import TorchvisionFCNHead
 from pixelwise.models.registry import register_model
@@ -166,10 +166,10 @@ def _build_atrous_encoder(
     pretrained: str | None, backbone_weights: str | None, dilation_style: str = "all",
 ):
     os_ = resolve_output_stride(backbone, output_stride, 16)
-    if os_ != 32 and not backbone.startswith("resnet"):
+    if os_ != 32 and not dilatable(backbone):
         raise ValueError(
             f"{backbone} has no atrous (dilated) mode: DeepLab runs it at output_stride=32 only "
-            f"(got output_stride={output_stride}); leave output_stride unset or use a resnet* backbone"
+            f"(got output_stride={output_stride}); leave output_stride unset or use a resnet* or timm:* backbone"
         )
     encoder = build_encoder(
         backbone, in_channels=in_channels, output_stride=os_,

@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.models.backbones import build_encoder, load_weights_file
+from pixelwise.models.backbones import build_encoder, load_weights_file, skipping_weight_files
 from pixelwise.models.backbones.vgg import load_fc6_fc7
 from pixelwise.models.registry import register_model
 
@@ -110,8 +110,8 @@ class FCN(nn.Module):
         learn_final_upsampler: the paper keeps the last (x8/x16/x32) upsampler fixed to
             bilinear and learns the intermediate x2 ones; set True to learn it too.
         fc_channels: width of fc6/fc7; ``None`` = ``4096 * width`` (the paper's 4096).
-        weights_path (in ``encoder_kwargs``): a torchvision ImageNet ``vgg16``/``vgg16_bn``
-            state dict file: its ``features`` go to the encoder and, as in the paper (§3.1),
+        backbone_weights (in ``encoder_kwargs``; old name ``weights_path``): a torchvision
+            ImageNet ``vgg16``/``vgg16_bn`` state dict file: its ``features`` go to the encoder and, as in the paper (§3.1),
             its fully connected fc6/fc7 are cast into the fc6 (7x7) and fc7 (1x1) convs
             (:func:`~pixelwise.models.backbones.vgg.load_fc6_fc7`; at a reduced fc width a
             one-line warning says they cannot be converted).
@@ -157,7 +157,9 @@ class FCN(nn.Module):
         vgg_weights = None
         if backbone.startswith("vgg"):
             encoder_kwargs["width"] = width
-            vgg_weights = encoder_kwargs.pop("weights_path", None)  # read once: features AND fc6/fc7
+            # read once: features AND fc6/fc7 (``weights_path``: the old name, build_encoder's)
+            vgg_weights = encoder_kwargs.pop("backbone_weights", None)
+            vgg_weights = encoder_kwargs.pop("weights_path", None) or vgg_weights
         elif width != 1.0:
             raise ValueError("FCN 'width' applies to VGG backbones only")
         self.encoder = build_encoder(backbone, in_channels=in_channels, output_stride=output_stride,
@@ -178,7 +180,9 @@ class FCN(nn.Module):
             self.head = FCNHead(ch[4], num_classes, fc, 0.5 if dropout is None else dropout)
             self._build_skips(ch, num_classes, stride, learn_final_upsampler)
         self.aux_head = TorchvisionFCNHead(ch[3], num_classes, 0.1 if dropout is None else dropout) if aux else None
-        if vgg_weights is not None:  # after every layer is built: the random init draws as without weights
+        # after every layer is built: the random init draws as without weights; not when the
+        # model is rebuilt for a checkpoint's state dict
+        if vgg_weights is not None and not skipping_weight_files():
             state_dict = load_weights_file(vgg_weights)
             self.encoder.load_torchvision_state_dict(state_dict, source=str(vgg_weights))
             if head == "paper":

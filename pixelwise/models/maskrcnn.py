@@ -43,6 +43,7 @@ heads' convs).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -81,7 +82,7 @@ __all__ = [
 PAPER: dict[str, Any] = {
     "backbone": "resnet50",
     "pretrained": None,  # "efficientnet-lite0" for the packaged EfficientNet-Lite0 weights
-    "weights_path": None,  # torchvision ImageNet .pth for resnet*
+    "backbone_weights": None,  # a state dict file: torchvision ImageNet .pth for resnet*, timm's for timm:*
     "in_channels": 3,
     "fpn_channels": 256,
     "frozen_bn": None,  # None: frozen when the backbone is pretrained, trainable otherwise
@@ -264,6 +265,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 def _encoder_stages(encoder: nn.Module) -> list[list[nn.Module]]:
     """The encoder's modules grouped into the 5 stages that produce c1..c5."""
+    if hasattr(encoder, "stage_modules"):  # EfficientNet-Lite*, timm encoders
+        return encoder.stage_modules()
     if hasattr(encoder, "layer1"):  # ResNet
         return [[encoder.conv1, encoder.bn1], [encoder.layer1], [encoder.layer2], [encoder.layer3], [encoder.layer4]]
     if hasattr(encoder, "_blocks"):  # EfficientNet-Lite0: features after blocks 0, 2, 4, 10, 15
@@ -359,6 +362,12 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     """Build Mask R-CNN; ``num_classes`` counts the background. See the module docstring."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if "weights_path" in options:  # the old name, before every model took backbone_weights
+        if "backbone_weights" in options:
+            raise ValueError("give backbone_weights, not also its old name weights_path")
+        warnings.warn("maskrcnn option weights_path is deprecated, use backbone_weights", FutureWarning,
+                      stacklevel=2)
+        options["backbone_weights"] = options.pop("weights_path")
     unknown = sorted(set(options) - set(PAPER))
     if unknown:
         raise ValueError(f"unknown maskrcnn option(s): {', '.join(unknown)}; valid: {', '.join(sorted(PAPER))}")
@@ -367,8 +376,8 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     o = {**PRESETS[preset], **options}
 
     encoder = build_encoder(o["backbone"], in_channels=int(o["in_channels"]), pretrained=o["pretrained"],
-                            weights_path=o["weights_path"])
-    pretrained = o["pretrained"] is not None or o["weights_path"] is not None
+                            weights_path=o["backbone_weights"])
+    pretrained = o["pretrained"] is not None or o["backbone_weights"] is not None
     frozen_bn = pretrained if o["frozen_bn"] is None else bool(o["frozen_bn"])
     trainable = (3 if pretrained else 5) if o["trainable_stages"] is None else int(o["trainable_stages"])
     if frozen_bn:
@@ -437,7 +446,8 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     return model
 
 
-@register_model("maskrcnn", task="instance", paper="He et al., Mask R-CNN, ICCV 2017")
+@register_model("maskrcnn", task="instance", paper="He et al., Mask R-CNN, ICCV 2017",
+                options=lambda: ["preset", *PAPER])
 def maskrcnn(num_classes: int, **kwargs: Any) -> PixelwiseMaskRCNN:
     """Mask R-CNN with an FPN on a pixelwise encoder; ``num_classes`` includes the background.
     Options: see :data:`PAPER` (``preset="cpu"`` for the lean CPU setting)."""

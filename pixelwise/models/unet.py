@@ -63,7 +63,7 @@ def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """
     h, w = size[0], size[1]  # not int(): traced sizes stay symbolic in an exported graph
     H, W = x.shape[-2:]
-    if not torch.jit.is_tracing() and (h > H or w > W):
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and (h > H or w > W):
         raise ValueError(f"cannot centre-crop a {H}x{W} map to {h}x{w}")
     top, left = (H - h) // 2, (W - w) // 2
     return x[..., top:top + h, left:left + w]
@@ -157,7 +157,7 @@ class UNetUp(nn.Module):
             x = x[..., : skip_size[0], : skip_size[1]]
         else:
             skip = center_crop(skip, x.shape[-2:])
-        if not torch.jit.is_tracing():
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):  # int() would freeze an exported size
             self.last_crop = ((int(skip_size[0]), int(skip_size[1])), (int(skip.shape[-2]), int(skip.shape[-1])))
         return self.conv(torch.cat([skip, x], dim=1))
 
