@@ -277,8 +277,11 @@ def _from_folder(folder: Path, device: str | None, **options: Any) -> Segmenter:
         raise CheckpointError(f"{cfg_path}: written by a newer pixelwise (format {cfg['pixelwise_format']}); "
                               "upgrade pixelwise")
     spec = cfg["model"]
+    from pixelwise.models.backbones import weight_files_skipped
+
     try:
-        model = build_model(spec["name"], int(spec["num_classes"]), **spec.get("kwargs", {}))
+        with weight_files_skipped():  # the weights come from model.safetensors; the encoder file need not exist
+            model = build_model(spec["name"], int(spec["num_classes"]), **spec.get("kwargs", {}))
     except UnknownModelError as e:
         raise CheckpointError(f"{cfg_path}: {e}") from None
     except (KeyError, TypeError, ValueError) as e:

@@ -302,6 +302,16 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint_upgrade(a: argparse.Namespace) -> int:
+    from pixelwise.engine.checkpoint import upgrade_checkpoint
+
+    if not a.trust_this_file:
+        raise PixelwiseError(f"{a.src}: upgrading unpickles the file with weights_only=False, which runs any "
+                             "code in it; pass --trust-this-file only for a checkpoint you wrote yourself")
+    print(f"wrote {upgrade_checkpoint(a.src, a.out)} (weights-only: every pixelwise command loads it)")
+    return 0
+
+
 def _cmd_convert_torchvision(a: argparse.Namespace) -> int:
     from pixelwise.api import Segmenter
     from pixelwise.models.torchvision import convert_torchvision
@@ -528,6 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true")
     p.set_defaults(func=_cmd_models)
 
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_cmd", required=True)
+    q = csub.add_parser("upgrade", help="rewrite your own old checkpoint in the weights-only format")
+    q.add_argument("src")
+    q.add_argument("--out", required=True)
+    q.add_argument("--trust-this-file", action="store_true",
+                   help="required: reading an old checkpoint runs whatever code it holds")
+    q.set_defaults(func=_cmd_checkpoint_upgrade)
+
     p = sub.add_parser("convert", help="convert foreign weights into a pixelwise pretrained folder")
     src = p.add_subparsers(dest="source", required=True)
     from pixelwise.models.torchvision import TORCHVISION_ARCHS
@@ -648,6 +667,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_evaluate_panoptic_parser().parse_args(panoptic_argv)
     else:
         args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"  # one line
     try:
         return int(args.func(args) or 0)
     except PixelwiseError as e:

@@ -280,3 +280,17 @@ def test_a_checkpoint_loads_where_its_encoder_weight_file_is_absent(name, kw, tm
         assert torch.equal(again.state_dict()[k], v), k
     with pytest.raises(CheckpointError, match="weights file not found"):  # outside a rebuild it is read
         build_model(name, 3, backbone_weights=str(weights), **kw)
+
+
+def test_cli_upgrade_needs_the_trust_flag_and_then_writes_a_safe_file(tmp_path, capsys):
+    from pixelwise.cli import main
+
+    old = valid_checkpoint()
+    old["rng"] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    src, dst = tmp_path / "old.pt", tmp_path / "new.pt"
+    torch.save(old, src)
+    assert main(["checkpoint", "upgrade", str(src), "--out", str(dst)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--trust-this-file" in err[0] and not dst.exists()
+    assert main(["checkpoint", "upgrade", str(src), "--out", str(dst), "--trust-this-file"]) == 0
+    assert "weights-only" in capsys.readouterr().out and "state_dict" in load_checkpoint(dst)

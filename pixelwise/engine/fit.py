@@ -49,7 +49,7 @@ from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.models.registry import build_model
 from pixelwise.tasks import Task, task_for_model
 
-__all__ = ["fit", "poly_lr_lambda", "build_optimizer", "start_run", "make_deterministic", "SeededSamples",
+__all__ = ["fit", "optimizer_step", "poly_lr_lambda", "build_optimizer", "start_run", "make_deterministic", "SeededSamples",
            "TENSORBOARD_IMAGES"]
 
 #: how many val images (the first ones) TensorBoard shows with their predictions per evaluation
@@ -133,6 +133,17 @@ class SeededSamples(Dataset):
         if name == "base":
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   grad_clip: float | None = None) -> None:
+    """The one backward pass of pixelwise: gradients of ``loss``, clipped to ``grad_clip``
+    (total norm), then one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
 
 
 def _pictures(task: Task, model: torch.nn.Module, ds: Any, device: torch.device) -> list[np.ndarray]:
@@ -287,11 +298,7 @@ def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes:
             if not math.isfinite(loss_value):
                 raise PixelwiseError(f"loss became {loss_value} at epoch {epoch + 1}, step {step}; lower --lr. "
                                      f"The last good checkpoint is kept in {out / 'last.pt'}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            optimizer_step(model, loss, optimizer, grad_clip)
             scheduler.step()
             step += 1
             batches += 1

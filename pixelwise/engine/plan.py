@@ -100,6 +100,7 @@ def _measure_step(cfg: TrainConfig, model_kwargs: dict[str, Any], num_classes: i
                   crop: int, batch: int = 2) -> tuple[int, float]:
     """(peak bytes above the RSS before, seconds) of one training step of ``batch`` random
     images at ``crop`` px, after one warm-up step."""
+    from pixelwise.engine.fit import optimizer_step
     from pixelwise.losses import build_loss
     from pixelwise.models.registry import build_model
 
@@ -113,9 +114,7 @@ def _measure_step(cfg: TrainConfig, model_kwargs: dict[str, Any], num_classes: i
         y = model.crop_target(y)
 
     def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
-        opt.step()
+        optimizer_step(model, loss_fn(model(x), y), opt)
 
     step()
     base_kb = _proc_kb("VmRSS") or 0
