@@ -224,7 +224,9 @@ def build_evaluate_panoptic_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt-dir", required=True, help="folder of the ground-truth panoptic PNGs")
     p.add_argument("--pred-json", required=True, help="predicted panoptic JSON (annotations with segments_info)")
     p.add_argument("--pred-dir", required=True, help="folder of the predicted panoptic PNGs")
-    p.add_argument("--workers", type=_positive_int, help="processes (default: min(CPU count, 8); 1 = no pool)")
+    p.add_argument("--workers", type=_positive_int,
+                   help="worker processes (default: threads in this process, one per idle CPU, at most 8; "
+                        "1 = one thread, no pool)")
     p.add_argument("--out", help="write the results JSON here (atomically)")
     p.set_defaults(func=_cmd_evaluate_panoptic)
     return p
