@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data"]
+GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data", "byod"]
 
 
 def main(argv=None) -> int:
@@ -31,6 +31,7 @@ def main(argv=None) -> int:
         "inference": lambda: models.inference_rows(flops) + models.flops_rows(flops),
         "train": models.train_rows, "elastic": models.elastic_rows, "memory": models.memory_rows,
         "data": models.data_rows, "int8": int8.int8_rows,
+        "byod": lambda: __import__("bench.byod", fromlist=["byod_rows"]).byod_rows(),
     }
     for g in groups:
         print(f"[bench] {g} ...", file=sys.stderr, flush=True)

@@ -99,6 +99,18 @@ def _add_train(sub) -> None:
     p.add_argument("--no-report", action="store_true",
                    help="do not write OUT/report.html and its pictures after training")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", default=None,
+                   help="replace the run already in OUT (without it, train refuses a folder holding a run)")
+    p.add_argument("--init-from", metavar="torchvision:ARCH:WEIGHTS",
+                   help="fine-tune from torchvision's weights on disk, e.g. torchvision:deeplabv3_resnet50:w.pth "
+                        "(class layers fresh when your data has other classes; see `pixelwise convert torchvision`)")
+    p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=None,
+                   help="size the run for this CPU (model width, crop, batch, length; printed in one line). Default: "
+                        "on when neither --config nor any sizing flag (--model-arg, --epochs, --batch-size, "
+                        "--crop-size, --repeat, --lr, --optimizer, --time-limit) is given")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="memory budget of the CPU plan when no --config is given, e.g. 4GB (default: half the "
+                        "available RAM)")
 
 
 def _cmd_train(a: argparse.Namespace) -> int:
@@ -109,7 +121,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         "model", "data", "out", "epochs", "batch_size", "lr", "optimizer", "weight_decay", "loss",
         "class_weights", "crop_size", "elastic", "repeat", "image_mode", "time_limit", "num_workers", "seed",
         "device", "threads", "resume", "checkpoint_every", "keep_last", "deterministic", "skip_bad_samples",
-        "tensorboard", "val_fraction", "colors")}
+        "tensorboard", "val_fraction", "colors", "overwrite", "init_from")}
     cfg = load_config(a.config, overrides)
     if a.model_arg:
         cfg.model_kwargs = {**cfg.model_kwargs, **dict(a.model_arg)}
@@ -119,6 +131,23 @@ def _cmd_train(a: argparse.Namespace) -> int:
         cfg.progress = False
     if not cfg.data:
         raise PixelwiseError("no dataset: pass --data DIR (or `data:` in the config)")
+    explicit = {k for k, v in overrides.items() if v is not None}
+    explicit |= {f"model_kwargs.{k}" for k, _ in a.model_arg}
+    explicit |= {s.split("=", 1)[0].strip() for s in a.set_overrides}
+    from pixelwise.engine.plan import SIZING_KEYS
+
+    steering = bool(explicit & SIZING_KEYS) or any(k.startswith("model_kwargs") for k in explicit)
+    if a.plan or (a.plan is None and a.config is None and not cfg.resume and not steering):
+        # no recipe given: size the run for this machine (engine/plan.py)
+        from pixelwise.engine.distributed import launched_by_torchrun
+        from pixelwise.engine.fit import check_run_folder
+        from pixelwise.engine.plan import parse_memory, plan_training
+
+        check_run_folder(cfg)  # refuse before measuring anything
+        if not launched_by_torchrun():
+            cfg, line = plan_training(cfg, explicit, parse_memory(a.max_memory))
+            if line:
+                print(line, flush=True)
     result = train(cfg)
     from pixelwise.engine.distributed import is_main
 
@@ -195,7 +224,9 @@ def build_evaluate_panoptic_parser() -> argparse.ArgumentParser:
     p.add_argument("--gt-dir", required=True, help="folder of the ground-truth panoptic PNGs")
     p.add_argument("--pred-json", required=True, help="predicted panoptic JSON (annotations with segments_info)")
     p.add_argument("--pred-dir", required=True, help="folder of the predicted panoptic PNGs")
-    p.add_argument("--workers", type=_positive_int, help="processes (default: min(CPU count, 8); 1 = no pool)")
+    p.add_argument("--workers", type=_positive_int,
+                   help="worker processes (default: threads in this process, one per idle CPU, at most 8; "
+                        "1 = one thread, no pool)")
     p.add_argument("--out", help="write the results JSON here (atomically)")
     p.set_defaults(func=_cmd_evaluate_panoptic)
     return p
@@ -273,15 +304,45 @@ def _cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint_upgrade(a: argparse.Namespace) -> int:
+    from pixelwise.engine.checkpoint import upgrade_checkpoint
+
+    if not a.trust_this_file:
+        raise PixelwiseError(f"{a.src}: upgrading unpickles the file with weights_only=False, which runs any "
+                             "code in it; pass --trust-this-file only for a checkpoint you wrote yourself")
+    print(f"wrote {upgrade_checkpoint(a.src, a.out)} (weights-only: every pixelwise command loads it)")
+    return 0
+
+
+def _cmd_convert_torchvision(a: argparse.Namespace) -> int:
+    from pixelwise.api import Segmenter
+    from pixelwise.models.torchvision import convert_torchvision
+
+    conv = convert_torchvision(a.arch, a.weights, num_classes=a.num_classes)
+    out = Segmenter(conv.model, conv.info()).save_pretrained(a.out)
+    print(f"wrote {conv.spec['name']} ({a.arch}, {conv.spec['num_classes']} classes) to {out}: "
+          f"pixelwise.load('{out}'), or fine-tune: pixelwise train --model {conv.spec['name']} "
+          f"--init-from torchvision:{a.arch}:{a.weights} --data DIR")
+    return 0
+
+
 def _cmd_export(a: argparse.Namespace) -> int:
     from pixelwise.export import export_checkpoint
 
+    if a.int8 and a.format != "onnx":
+        raise PixelwiseError(f"--int8 writes an ONNX model, not --format {a.format}")
     if a.int8:  # int8: pixelwise/quantize.py
         from pixelwise.quantize import quantize
         print(f"exported int8 onnx model to {quantize(a.checkpoint, a.calibrate, a.calibration_images, a.out)}")
         return 0
-    path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=a.dynamic, size=a.size)
-    print(f"exported {a.format} model to {path}" + (" (dynamic input size)" if a.dynamic else ""))
+    dynamic = True if a.dynamic else None
+    path = export_checkpoint(a.checkpoint, a.out, format=a.format, dynamic=dynamic, size=a.size)
+    if a.format == "safetensors":
+        print(f"wrote {path}/model.safetensors and config.json (load with pixelwise.load({str(path)!r}))")
+    else:
+        free = a.dynamic or a.size is None
+        print(f"exported {a.format} model to {path}" +
+              (" (free input size)" if free else f" (fixed input size {a.size}x{a.size})"))
     return 0
 
 
@@ -289,8 +350,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     from pixelwise.serve import serve
 
     serve(a.checkpoint, a.host, a.port, device=a.device, max_upload_mb=a.max_upload_mb,
-          max_megapixels=a.max_megapixels, score_threshold=a.score_threshold, fast=a.fast,
-          log_requests=not a.quiet, **_inference_kwargs(a))
+          max_megapixels=a.max_megapixels, max_memory_gb=a.max_memory, allowed_hosts=tuple(a.allow_host),
+          score_threshold=a.score_threshold, fast=a.fast, log_requests=not a.quiet, **_inference_kwargs(a))
     return 0
 
 
@@ -485,15 +546,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-flops", action="store_true")
     p.set_defaults(func=_cmd_models)
 
-    p = sub.add_parser("export", help="export a checkpoint's model (ONNX) for deployment")
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--format", default="onnx", choices=["onnx"])
-    p.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    p = sub.add_parser("checkpoint", help="checkpoint tools")
+    csub = p.add_subparsers(dest="checkpoint_cmd", required=True)
+    q = csub.add_parser("upgrade", help="rewrite your own old checkpoint in the weights-only format")
+    q.add_argument("src")
+    q.add_argument("--out", required=True)
+    q.add_argument("--trust-this-file", action="store_true",
+                   help="required: reading an old checkpoint runs whatever code it holds")
+    q.set_defaults(func=_cmd_checkpoint_upgrade)
+
+    p = sub.add_parser("convert", help="convert foreign weights into a pixelwise pretrained folder")
+    src = p.add_subparsers(dest="source", required=True)
+    from pixelwise.models.torchvision import TORCHVISION_ARCHS
+
+    t = src.add_parser("torchvision", help="a torchvision segmentation / Mask R-CNN state dict (.pth)")
+    t.add_argument("arch", choices=sorted(TORCHVISION_ARCHS))
+    t.add_argument("weights", help="the .pth file (read with weights_only=True)")
+    t.add_argument("--out", required=True, help="the pretrained folder to write (model.safetensors + config.json)")
+    t.add_argument("--num-classes", type=int, help="K classes of your own (fresh class layers, for fine-tuning)")
+    t.set_defaults(func=_cmd_convert_torchvision)
+
+    p = sub.add_parser("export", help="export a model (ONNX, torch.export, safetensors) for deployment or sharing")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint, a run folder or a pretrained folder")
+    p.add_argument("--format", default="onnx", choices=["onnx", "torch-export", "safetensors"],
+                   help="onnx (semantic, Mask R-CNN, Panoptic FPN), torch-export (.pt2, semantic) or safetensors (a folder: "
+                        "model.safetensors + config.json for pixelwise.load)")
+    p.add_argument("--out", required=True, help="output file (model.onnx, model.pt2) or folder (safetensors)")
+    p.add_argument("--size", type=int, help="fix the input to SIZE x SIZE (default: free height and width; "
+                                            "predict --onnx resizes other images to a fixed size)")
     p.add_argument("--dynamic", action="store_true",
-                   help="free height and width, and batch size (a Mask R-CNN graph takes one image per run)")
-    p.add_argument("--size", type=int, help="example input side (default 512; the only size without --dynamic)")
-    p.add_argument("--int8", action="store_true", help="int8 static quantization (semantic models; onnxruntime; "
-                   "dynamic input size), calibrated on --calibrate DATA")
+                   help="free height and width even with --size (then only the example input's side)")
+    p.add_argument("--int8", action="store_true", help="int8 static quantization of an ONNX export (semantic models; "
+                   "onnxruntime; free input size), calibrated on --calibrate DATA")
     p.add_argument("--calibrate", metavar="DATA", help="--int8: training data (dataset or image folder) to calibrate on")
     p.add_argument("--calibration-images", type=int, default=32, help="--int8: images to calibrate on (default 32)")
     p.set_defaults(func=_cmd_export)
@@ -502,13 +586,22 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve one page: choose or drop an image, see the segmentation over it (opacity "
                                    "slider), a legend with pixel shares; instance and panoptic checkpoints show every "
                                    "instance / segment in its own colour. "
-                                   "API: POST the image bytes to /api/predict (JSON answer). See pixelwise/serve.py.")
-    p.add_argument("--checkpoint", required=True)
+                                   "API: POST the image (raw bytes, or a form field named file: curl -F "
+                                   "file=@img.png) to /api/predict (JSON answer). See pixelwise/serve.py.")
+    p.add_argument("--checkpoint", required=True,
+                   help="a checkpoint, a run folder, a pretrained folder (model.safetensors + config.json) or a "
+                        "hub repo id in the local hub cache")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a host name clients may use besides localhost and --host (requests naming any other "
+                        "host are refused: DNS rebinding protection); repeatable")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port, printed)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="larger uploads get HTTP 413 (default 20)")
-    p.add_argument("--max-megapixels", type=float, default=40.0,
-                   help="images with more pixels get HTTP 413 (default 40)")
+    p.add_argument("--max-memory", type=float, default=2.0, metavar="GB",
+                   help="peak memory budget of the server in GB (default 2): the largest accepted image is "
+                        "measured at start-up to keep one request under it; larger images get HTTP 413")
+    p.add_argument("--max-megapixels", type=float, default=None,
+                   help="a pixel cap besides the memory budget (default: none)")
     p.add_argument("--score-threshold", type=float, default=0.5, help="instance checkpoints: lowest score shown")
     p.add_argument("--device", default="auto")
     p.add_argument("--quiet", action="store_true", help="do not log requests")
@@ -586,6 +679,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_evaluate_panoptic_parser().parse_args(panoptic_argv)
     else:
         args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"  # one line
     try:
         return int(args.func(args) or 0)
     except PixelwiseError as e:

@@ -57,7 +57,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> dict[str, An
     else:
         print(f"[1/4] using the shapes dataset in {data}")
 
-    cfg = TrainConfig(data=str(data), out=str(out / "run"), **DEMO_CONFIG)
+    # the demo's own run folder: `make demo` again replaces the previous demo run, and says so
+    cfg = TrainConfig(data=str(data), out=str(out / "run"), overwrite=True, **DEMO_CONFIG)
+    if (out / "run" / "last.pt").exists():
+        print(f"      (replacing the previous demo run in {out / 'run'})")
     if quick:
         cfg.epochs, cfg.time_limit = 1, 20.0
     print(f"[2/4] training {cfg.model} {cfg.model_kwargs} for at most {cfg.epochs} epochs / "

@@ -17,8 +17,9 @@ applied), so the layer always lines up with it.
 
 The server is the standard library's ``ThreadingHTTPServer``; the page is one
 self-contained HTML file (inline CSS and JavaScript, nothing fetched from elsewhere). The
-model is loaded once; predictions run one at a time. It binds 127.0.0.1 unless ``--host``
-says otherwise and has no authentication: do not expose it to networks you do not trust.
+model is loaded once (through :func:`pixelwise.load`); predictions run one at a time. It binds
+127.0.0.1 unless ``--host`` says otherwise and has no authentication: do not expose it to
+networks you do not trust.
 
 HTTP API (JSON answers):
 
@@ -28,8 +29,10 @@ HTTP API (JSON answers):
     ``{"model", "task", "classes": [{"id", "name", "color", "isthing"}], "max_upload_bytes",
     "max_megapixels", ...}`` (panoptic: ``classes`` are the COCO panoptic categories).
 ``POST /api/predict``
-    body: the bytes of an image file (any format PIL reads); optional header ``X-Filename``
-    (URL-encoded) names it in messages. Answers ``200`` with ``{"task", "width", "height",
+    body: the bytes of an image file (any format PIL reads; optional header ``X-Filename``,
+    URL-encoded, names it in messages), or a ``multipart/form-data`` form (what a browser
+    form and ``curl -F file=@img.png URL`` send) whose field ``file`` (else the first file
+    field) holds it. Answers ``200`` with ``{"task", "width", "height",
     "image", "layer", "labels", "legend", "seconds", ...}``: ``image`` the decoded input,
     ``layer`` the RGBA colour layer (transparent where there is no instance / segment),
     ``labels`` the class ids (semantic), instance ids (instance; 0 = none, highest score on
@@ -39,12 +42,25 @@ HTTP API (JSON answers):
     ``category_id``, ``isthing``, ``score`` for things), the last two after a row ``id`` 0 for
     the pixels of no instance / void; shares sum to 1.
     The body may be sent with ``Content-Length`` or ``Transfer-Encoding: chunked``.
-    ``400`` for an empty, non-image or corrupt upload; ``411`` with neither;
-    ``413`` above ``--max-upload-mb`` (default 20) or ``--max-megapixels`` (default 40);
-    ``500`` for anything unexpected. Every error is ``{"error": "<one clear line>"}`` and the
-    server keeps serving.
+    ``400`` for an empty, non-image or corrupt upload, a form without a file or a malformed
+    ``Content-Length``; ``411`` with neither; ``413`` above ``--max-upload-mb`` (default 20)
+    or above the pixel budget; ``403`` when the ``Host`` header names another host;
+    ``500`` for anything unexpected (the details go to the server's log, not the answer).
+    Every error is ``{"error": "<one clear line>"}`` and the server keeps serving.
 
-From Python: ``serve(checkpoint, port=0)`` blocks; ``make_server(Predictor(checkpoint), port=0)``
+Memory: ``--max-memory`` (default 2 GB) is a budget for the server's peak resident memory.
+At start-up one whole request on a noise image is measured (:func:`memory_budget`); the
+largest accepted image is the one whose request, at 1.5 times the measured bytes per pixel,
+keeps the peak under the budget; ``--max-megapixels`` caps it further. Requests are decoded,
+predicted and answered one at a time (at most two bodies are read at once), so the bound holds
+with many clients. The listen backlog holds 128 waiting connections.
+
+Safety: it binds 127.0.0.1 unless ``--host`` says otherwise (any other address prints a
+warning: there is no authentication); requests whose ``Host`` header is not a loopback name,
+the bound address or an ``--allow-host`` name get 403, so a web page whose DNS name is
+rebound to 127.0.0.1 cannot use the server (bound to all interfaces, IP addresses pass too).
+
+From Python: ``serve(source, port=0)`` blocks; ``make_server(Predictor(source), port=0)``
 returns the server to run in a thread (``server.url``, ``server.serve_forever()``,
 ``server.shutdown()``).
 """
@@ -54,6 +70,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -65,11 +82,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 from PIL import Image, UnidentifiedImageError
 
-from pixelwise.engine.checkpoint import load_checkpoint, model_from_checkpoint
-from pixelwise.engine.common import resolve_device
 from pixelwise.errors import DataError, PixelwiseError
 
 __all__ = ["Predictor", "UploadError", "decode_upload", "make_server", "serve", "PAGE"]
@@ -93,49 +107,40 @@ class UploadError(PixelwiseError):
 
 
 class Predictor:
-    """A checkpoint loaded once; :meth:`predict` segments one decoded image (thread-safe:
-    calls run one at a time) through its task (:meth:`pixelwise.tasks.base.Task.predict` and
-    :meth:`~pixelwise.tasks.base.Task.serve_layer`); ``score_threshold`` applies to instance
-    checkpoints, panoptic models merge with their own threshold."""
+    """The served model: a thin wrapper over :class:`pixelwise.api.Segmenter` (loaded once;
+    calls run one at a time). ``source`` is anything :func:`pixelwise.load` takes (a
+    checkpoint, a run folder, a pretrained folder, a cached hub id). :meth:`predict` turns
+    the task's typed result into the page's layer (:meth:`~pixelwise.tasks.base.Task.serve_layer`);
+    ``score_threshold`` applies to instance models, panoptic models merge with their own."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "auto", *, score_threshold: float = 0.5,
                  fast: bool = False, tile: int | None = None, overlap: int | None = None, flip: bool = False,
                  scales: tuple[float, ...] | None = None):
-        from pixelwise.tasks import task_of_checkpoint
+        from pixelwise.api import load
 
-        ckpt = load_checkpoint(checkpoint)
-        self.ckpt = ckpt
+        seg = load(checkpoint, None if device == "auto" else device, optimize=fast, tile=tile, overlap=overlap,
+                   flip=flip, scales=scales, score_threshold=score_threshold)
+        self.segmenter = seg
+        self.ckpt = seg.info
         self.checkpoint = str(checkpoint)
-        self._task = task_of_checkpoint(ckpt)
-        self.task = self._task.name
-        self.model_name = ckpt["model"]["name"]
-        self.classes = self._task.classes_of(ckpt)
-        self.normalization = ckpt["normalization"]
-        self.image_mode = self.normalization.get("image_mode", "RGB")
-        self.device = resolve_device(device)
-        self.inference = {"tile": tile, "overlap": overlap, "flip": flip, "scales": scales}
-        self._task.check_eval_options({k: v for k, v in self.inference.items() if v})
-        model = model_from_checkpoint(ckpt, checkpoint).eval().to(self.device)
-        if fast and self._task.supports_optimize:
-            from pixelwise.optimize import optimize
-
-            model = optimize(model, inplace=True)
-        self.model = model
-        self.score_threshold = float(score_threshold)
-        self._lock = threading.Lock()
+        self.task = seg.task.name
+        self.model_name = seg.model_name
+        self.classes = seg.classes
+        self.normalization = seg.normalization
+        self.image_mode = seg.image_mode
+        self.device = seg.device
+        self.inference = dict(seg.inference)
+        self.score_threshold = seg.score_threshold
 
     def info(self) -> dict[str, Any]:
         return {"model": self.model_name, "task": self.task, "classes": self.classes, "image_mode": self.image_mode,
                 "checkpoint": Path(self.checkpoint).name, "device": str(self.device)}
 
-    @torch.inference_mode()
     def predict(self, image: np.ndarray) -> dict[str, Any]:
         """uint8 (H, W, C) image -> ``{"labels": (H, W) int ids, "layer": (H, W, 4) uint8 RGBA,
         "legend": [row, ...]}`` (rows as in the module docstring; shares sum to 1)."""
-        with self._lock:
-            result = self._task.predict(self.model, image, self.ckpt, self.device,
-                                        score_threshold=self.score_threshold, **self.inference)
-            return self._task.serve_layer(result, self.ckpt)
+        result = self.segmenter.predict(image)
+        return self.segmenter.task.serve_layer(result, self.segmenter.info)
 
 
 # ---------------------------------------------------------------------------------------
@@ -144,7 +149,8 @@ class Predictor:
 
 
 def decode_upload(data: bytes, filename: str = "upload", image_mode: str = "RGB",
-                  max_megapixels: float = DEFAULT_MAX_MEGAPIXELS) -> np.ndarray:
+                  max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                  limit_flag: str = "--max-megapixels") -> np.ndarray:
     """The bytes of an uploaded image file -> uint8 (H, W, C) as :func:`~pixelwise.data.io.read_image`
     reads files. Raises :class:`UploadError` (400: empty, not an image, corrupt, truncated;
     413: more than ``max_megapixels`` million pixels)."""
@@ -161,7 +167,7 @@ def decode_upload(data: bytes, filename: str = "upload", image_mode: str = "RGB"
         w = h = 0  # read_image below says what is wrong
     if w * h > max_megapixels * 1e6:
         raise UploadError(413, f"{filename}: the image is {w}x{h} = {w * h / 1e6:.1f} megapixels; this server "
-                               f"takes at most {max_megapixels:g} (pixelwise serve --max-megapixels)")
+                               f"takes at most {max_megapixels:g} (pixelwise serve {limit_flag})")
     with tempfile.TemporaryDirectory(prefix="pixelwise-serve-") as tmp:  # read_image reads files
         path = Path(tmp) / "upload"
         path.write_bytes(data)
@@ -198,26 +204,200 @@ def predict_response(predictor: Predictor, image: np.ndarray, filename: str = "u
 # ---------------------------------------------------------------------------------------
 
 
+#: addresses that only this machine reaches; any other ``--host`` gets a warning
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: ``--max-memory`` default in GB: the peak resident memory the server is sized to stay under
+DEFAULT_MAX_MEMORY_GB = 2.0
+#: connections the kernel queues while the server is busy (20 simultaneous clients, no reset)
+LISTEN_BACKLOG = 128
+#: uploads read at the same time (each at most --max-upload-mb); the rest wait their turn
+_READING_SLOTS = 2
+#: the pixel budget assumes this multiple of the probe's measured bytes per pixel
+_SAFETY = 1.5
+#: side of the calibration image (pixels); its peak memory sets the bytes per pixel
+_PROBE_SIDE = 384
+#: bytes of memory an upload costs besides its pixels, in multiples of its size: the bodies
+#: being read (``_READING_SLOTS``) and the copies the multipart parser makes of the one processed
+_UPLOAD_COPIES = _READING_SLOTS + 6
+
+
+def _rss() -> int:
+    """This process's resident memory now (bytes)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):  # not Linux: the peak so far is an upper bound
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if sys.platform == "darwin" else 1024)
+
+
+def _release_free_memory() -> None:
+    """Give freed heap pages back to the system (glibc), so RSS measures what is in use."""
+    import contextlib
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class _PeakRSS:
+    """Samples the resident memory every millisecond in a thread; ``peak`` is the highest seen."""
+
+    def __enter__(self) -> "_PeakRSS":
+        self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+
+def memory_budget(predictor: Predictor, max_memory_bytes: int, max_upload_bytes: int,
+                  probe_side: int = _PROBE_SIDE) -> dict[str, Any]:
+    """The largest image (pixels) whose request keeps this process's peak RSS under
+    ``max_memory_bytes``, measured, not guessed: after a warm-up request, one whole request (decode a noise PNG of
+    ``probe_side``^2 pixels, predict, encode the JSON answer) runs while a thread samples
+    the RSS; its peak above the RSS before it, per pixel, times a safety factor of 1.5, is the
+    cost of a pixel (linear in the pixels: the models are convolutional, and the detection
+    models resize to their own size, which makes the estimate pessimistic for them). The
+    upload bodies (``_UPLOAD_COPIES`` x ``max_upload_bytes``) come off the budget first.
+    Returns ``{"max_pixels", "baseline_bytes", "bytes_per_pixel", "fixed_bytes"}``; raises
+    :class:`PixelwiseError` when the model alone leaves no room."""
+    c = 1 if predictor.image_mode == "L" else 3
+    noise = np.random.default_rng(0).integers(0, 256, (probe_side, probe_side, c), dtype=np.uint8)
+    data = _encode_png(noise[..., 0] if c == 1 else noise)
+    del noise
+    # a first request warms the model up (thread pools, kernel caches): a one-off cost that
+    # stays in the baseline instead of being charged to every pixel
+    _answer_bytes(predictor, decode_upload(_encode_png(np.zeros((64, 64, c), np.uint8).squeeze()), "warm-up",
+                                           predictor.image_mode, 1e9), "warm-up")
+    _release_free_memory()
+    base = _rss()
+    with _PeakRSS() as peak:
+        body = _answer_bytes(predictor, decode_upload(data, "probe", predictor.image_mode, 1e9), "probe")
+        del body
+    per_pixel = max(1.0, (peak.peak - base) / probe_side ** 2) * _SAFETY
+    fixed = _UPLOAD_COPIES * int(max_upload_bytes)
+    room = int(max_memory_bytes) - base - fixed
+    pixels = int(room / per_pixel) if room > 0 else 0
+    if pixels < 64 * 64:
+        raise PixelwiseError(f"--max-memory {max_memory_bytes / 1e9:g} GB leaves no room for images: the model takes "
+                             f"{base / 1e9:.2f} GB before any request and the uploads up to {fixed / 1e9:.2f} GB; "
+                             f"raise --max-memory (or lower --max-upload-mb)")
+    return {"max_pixels": pixels, "baseline_bytes": int(base), "bytes_per_pixel": round(per_pixel, 1),
+            "fixed_bytes": fixed}
+
+
+def _encode_png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _answer_bytes(predictor: Predictor, image: np.ndarray, filename: str) -> bytes:
+    return json.dumps(predict_response(predictor, image, filename)).encode()
+
+
+def _file_of_form(data: bytes, content_type: str, filename: str) -> tuple[bytes, str]:
+    """The uploaded file of a ``multipart/form-data`` body (what browsers' forms and ``curl -F
+    file=@img.png`` send), parsed by the standard library's ``email`` package: the field named
+    ``file``, else the first field with a file name, else the only field. Returns ``(bytes,
+    file name)``; raises :class:`UploadError` (400) for a form without a file."""
+    from email import policy
+    from email.parser import BytesParser
+
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1", "replace")
+    msg = BytesParser(policy=policy.HTTP).parsebytes(head + data)
+    parts = list(msg.iter_parts()) if msg.is_multipart() else []
+    if not parts:
+        raise UploadError(400, f"{filename}: malformed multipart/form-data upload (no part found: is the boundary "
+                               "right?); send the image as a form field named file, or as the raw body")
+    named = [p for p in parts if p.get_param("name", header="content-disposition") == "file"]
+    with_name = [p for p in parts if p.get_filename()]
+    part = (named or with_name or (parts if len(parts) == 1 else [None]))[0]
+    if part is None:
+        fields = ", ".join(str(p.get_param("name", header="content-disposition")) for p in parts)
+        raise UploadError(400, f"{filename}: the form has no file (fields: {fields}); send the image as a field "
+                               "named file")
+    payload = part.get_payload(decode=True)
+    return (payload if isinstance(payload, bytes) else b""), (part.get_filename() or filename)[:200]
+
+
 class PixelwiseServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer holding the :class:`Predictor` and the upload limits."""
+    """ThreadingHTTPServer holding the :class:`Predictor` and the upload limits.
+
+    ``max_pixels``: the largest image accepted (the smaller of ``--max-megapixels`` and the
+    memory budget); ``allowed_hosts``: the names a request's ``Host`` header may carry (DNS
+    rebinding protection: a web page of another site that resolves its name to this machine
+    is refused)."""
 
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
 
     def __init__(self, address: tuple[str, int], predictor: Predictor, max_upload_bytes: int,
-                 max_megapixels: float, log_requests: bool):
+                 max_megapixels: float | None, log_requests: bool, *, allowed_hosts: tuple[str, ...] = ()):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         self.predictor = predictor
         self.max_upload_bytes = int(max_upload_bytes)
-        self.max_megapixels = float(max_megapixels)
+        self.max_megapixels = None if max_megapixels is None else float(max_megapixels)
+        self.max_memory_bytes: int | None = None
+        self.memory: dict[str, Any] | None = None
+        self.max_pixels, self.limit_flag = (10 ** 12, "--max-megapixels") if self.max_megapixels is None else \
+            (int(self.max_megapixels * 1e6), "--max-megapixels")
         self.log_requests = log_requests
+        host = address[0].strip("[]").lower()
+        self.wildcard = host in ("", "0.0.0.0", "::")
+        self.allowed_hosts = frozenset({*LOOPBACK_HOSTS, host, *(h.lower() for h in allowed_hosts)})
+        self.work_lock = threading.Lock()  # one request decodes, predicts and answers at a time
+        self.reading = threading.BoundedSemaphore(_READING_SLOTS)
         super().__init__(address, _Handler)
+
+    def budget_memory(self, max_memory_bytes: int) -> None:
+        """Lower :attr:`max_pixels` to what ``max_memory_bytes`` of peak RSS allows (:func:`memory_budget`)."""
+        self.max_memory_bytes = int(max_memory_bytes)
+        self.memory = memory_budget(self.predictor, self.max_memory_bytes, self.max_upload_bytes)
+        if self.memory["max_pixels"] < self.max_pixels:
+            self.max_pixels, self.limit_flag = self.memory["max_pixels"], "--max-memory"
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         host = "127.0.0.1" if host == "0.0.0.0" else ("::1" if host == "::" else host)
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a ``Host`` header names this server: a loopback name, the bound address,
+        an ``--allow-host`` name, or (bound to all interfaces) any IP address - an address
+        cannot be rebound, only a name can. No header (HTTP/1.0) passes."""
+        import ipaddress
+
+        if header is None:
+            return True
+        name = header.strip().lower()
+        if name.startswith("["):
+            name = name[1:name.find("]")] if "]" in name else name[1:]
+        elif name.count(":") == 1:
+            name = name.rsplit(":", 1)[0]
+        if name.rstrip(".") in self.allowed_hosts:
+            return True
+        if self.wildcard:
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                return False
+        return False
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -248,13 +428,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, status: int, message: str, close: bool = False) -> None:
         self._json(status, {"error": message, "status": status}, close)
 
+    def _host_ok(self) -> bool:
+        if self.server.host_allowed(self.headers.get("Host")):
+            return True
+        self._error(403, f"Host {self.headers.get('Host')!r} is not this server (DNS rebinding protection); open "
+                         f"{self.server.url} or start the server with --allow-host NAME", close=True)
+        return False
+
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if not self._host_ok():
+            return
         path = urllib.parse.urlsplit(self.path).path
         if path in ("/", "/index.html"):
             self._send(200, PAGE.encode(), "text/html; charset=utf-8")
         elif path == "/api/info":
-            self._json(200, {**self.server.predictor.info(), "max_upload_bytes": self.server.max_upload_bytes,
-                             "max_megapixels": self.server.max_megapixels})
+            s = self.server
+            self._json(200, {**s.predictor.info(), "max_upload_bytes": s.max_upload_bytes,
+                             "max_megapixels": s.max_pixels / 1e6, "max_pixels": s.max_pixels,
+                             "max_memory_bytes": s.max_memory_bytes, "memory": s.memory})
         elif path == "/favicon.ico":
             self._send(204, b"", "image/x-icon")
         else:
@@ -263,28 +454,34 @@ class _Handler(BaseHTTPRequestHandler):
     do_HEAD = do_GET
 
     def do_POST(self) -> None:  # noqa: N802
+        if not self._host_ok():
+            return
         path = urllib.parse.urlsplit(self.path).path
         filename = urllib.parse.unquote(self.headers.get("X-Filename", "") or "upload")[:200] or "upload"
         try:
             if path != "/api/predict":
                 raise UploadError(404, f"{path}: not found (POST the image to /api/predict)")
-            data = self._read_body(filename)
-            image = decode_upload(data, filename, self.server.predictor.image_mode, self.server.max_megapixels)
-            answer = predict_response(self.server.predictor, image, filename)
+            with self.server.reading:
+                data = self._read_body(filename)
+                with self.server.work_lock:  # the memory budget holds for one request at a time
+                    ctype = self.headers.get("Content-Type", "")
+                    if ctype.lower().startswith("multipart/form-data"):
+                        data, filename = _file_of_form(data, ctype, filename)
+                    image = decode_upload(data, filename, self.server.predictor.image_mode,
+                                          self.server.max_pixels / 1e6, self.server.limit_flag)
+                    del data
+                    body = _answer_bytes(self.server.predictor, image, filename)
+                    del image
+                    self._send(200, body, "application/json; charset=utf-8")
         except UploadError as e:
             self._error(e.status, str(e), close=True)  # the body may be partly unread
-            return
         except PixelwiseError as e:
             self._error(400, f"{filename}: {e}")
-            return
         except (ConnectionError, socket.timeout):
             self.close_connection = True
-            return
         except Exception as e:  # noqa: BLE001 - never let one request take the server down
-            self.log_error("prediction failed: %r", e)
-            self._error(500, f"{filename}: prediction failed ({type(e).__name__}: {e})")
-            return
-        self._json(200, answer)
+            self.log_error("prediction of %s failed: %r", filename, e)  # the details stay in the server's log
+            self._error(500, f"{filename}: prediction failed (an internal error; the server log has the details)")
 
     def _read_body(self, filename: str) -> bytes:
         limit = self.server.max_upload_bytes
@@ -294,12 +491,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise UploadError(413, f"{filename}: the upload is {_mb(total)}; this server takes at most "
                                        f"{_mb(limit)} (pixelwise serve --max-upload-mb)")
             return data
-        if self.headers.get("Content-Length") is None:
+        raw = self.headers.get("Content-Length")
+        if raw is None:
             raise UploadError(411, "the upload needs a Content-Length header (send the file as the request body)")
-        try:
-            length = int(self.headers["Content-Length"])
-        except ValueError:
-            raise UploadError(400, f"bad Content-Length {self.headers['Content-Length']!r}") from None
+        if not re.fullmatch(r"[0-9]{1,19}", raw.strip()):
+            raise UploadError(400, f"bad Content-Length {raw!r} (a number of bytes, 0 or more)")
+        length = int(raw)
         if length > limit:
             left = min(length, _DRAIN_LIMIT)  # read it away, so the browser gets the answer, not a reset
             while left > 0:
@@ -349,32 +546,53 @@ def _mb(n: int) -> str:
 
 
 def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, *,
-                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_megapixels: float | None = DEFAULT_MAX_MEGAPIXELS,
+                max_memory_gb: float | None = None, allowed_hosts: tuple[str, ...] = (),
                 log_requests: bool = False) -> PixelwiseServer:
-    """A bound (not yet serving) server; ``port=0`` picks a free port (see ``server.url``)."""
-    if max_upload_mb <= 0 or max_megapixels <= 0:
-        raise PixelwiseError("--max-upload-mb and --max-megapixels must be positive")
+    """A bound (not yet serving) server; ``port=0`` picks a free port (see ``server.url``).
+    ``max_memory_gb``: size the largest accepted image so that one request keeps the peak
+    resident memory under it (:func:`memory_budget`; measured once here); ``max_megapixels``
+    (None: no cap of its own): a cap besides. ``allowed_hosts``: host names besides the
+    loopback ones and ``host`` that requests may address (``Host`` header)."""
+    if max_upload_mb <= 0 or (max_megapixels is not None and max_megapixels <= 0) or \
+            (max_memory_gb is not None and max_memory_gb <= 0):
+        raise PixelwiseError("--max-upload-mb, --max-megapixels and --max-memory must be positive")
     try:
-        return PixelwiseServer((host, int(port)), predictor, int(max_upload_mb * 1e6), max_megapixels, log_requests)
+        server = PixelwiseServer((host, int(port)), predictor, int(max_upload_mb * 1e6), max_megapixels,
+                                 log_requests, allowed_hosts=tuple(allowed_hosts))
     except OSError as e:
         raise PixelwiseError(f"cannot listen on {host}:{port}: {e.strerror or e} "
                              "(choose another --port, or --port 0 for a free one)") from None
+    if max_memory_gb is not None:
+        try:
+            server.budget_memory(int(max_memory_gb * 1e9))
+        except BaseException:
+            server.server_close()
+            raise
+    return server
 
 
 def serve(checkpoint: str | os.PathLike, host: str = "127.0.0.1", port: int = 8000, *, device: str = "auto",
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_megapixels: float = DEFAULT_MAX_MEGAPIXELS,
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_megapixels: float | None = None,
+          max_memory_gb: float | None = DEFAULT_MAX_MEMORY_GB, allowed_hosts: tuple[str, ...] = (),
           score_threshold: float = 0.5, fast: bool = False, log_requests: bool = True,
           ready: Callable[[PixelwiseServer], None] | None = None, **inference: Any) -> None:
-    """Load ``checkpoint`` and serve the page until interrupted (Ctrl-C). Prints the URL;
-    ``ready(server)`` is called once it listens. ``inference``: tile, overlap, flip, scales."""
+    """Load ``checkpoint`` (anything :func:`pixelwise.load` takes) and serve the page until
+    interrupted (Ctrl-C). Prints the URL and the largest image it accepts; ``ready(server)``
+    is called once it listens. ``inference``: tile, overlap, flip, scales."""
     predictor = Predictor(checkpoint, device, score_threshold=score_threshold, fast=fast, **inference)
-    server = make_server(predictor, host, port, max_upload_mb=max_upload_mb, max_megapixels=max_megapixels,
-                         log_requests=log_requests)
-    print(f"serving {predictor.model_name} ({predictor.task}, {len(predictor.classes)} classes, "
-          f"{predictor.device}) from {checkpoint}", flush=True)
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOOPBACK_HOSTS:
         print(f"warning: listening on {host}: anyone who can reach this machine can use the page "
               "(there is no authentication)", file=sys.stderr, flush=True)
+    server = make_server(predictor, host, port, max_upload_mb=max_upload_mb, max_megapixels=max_megapixels,
+                         max_memory_gb=max_memory_gb, allowed_hosts=allowed_hosts, log_requests=log_requests)
+    print(f"serving {predictor.model_name} ({predictor.task}, {len(predictor.classes)} classes, "
+          f"{predictor.device}) from {checkpoint}", flush=True)
+    limit = f"images up to {server.max_pixels / 1e6:.1f} megapixels"
+    if server.memory is not None:
+        limit += (f" (--max-memory {max_memory_gb:g} GB: {server.memory['baseline_bytes'] / 1e9:.2f} GB for the "
+                  f"model, {server.memory['bytes_per_pixel']:.0f} bytes per pixel measured x{_SAFETY:g})")
+    print(limit, flush=True)
     print(f"open {server.url}  (Ctrl-C stops)", flush=True)
     if ready is not None:
         ready(server)

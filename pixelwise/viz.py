@@ -155,12 +155,17 @@ def titled_grid(rows: Sequence[Sequence[np.ndarray]], titles: Sequence[str], gap
 
 
 def draw_labelled_masks(image: np.ndarray, masks: np.ndarray, texts: Sequence[str],
-                        colors: Sequence[Sequence[int]], alpha: float = 0.5) -> np.ndarray:
+                        colors: Sequence[Sequence[int]], alpha: float = 0.5,
+                        boxes: np.ndarray | None = None) -> np.ndarray:
     """uint8 (H, W, 3): each (H, W) bool mask blended in its colour, its outline drawn and its
-    text (e.g. the class name, or "id class") written at the top-left of its bounding box."""
+    text (e.g. the class name, or "id class") written at the top-left of its bounding box. With
+    ``boxes`` ((K, 4) xyxy, e.g. detections), each box is outlined too and its text written just
+    above it (inside the image)."""
     from PIL import Image, ImageDraw
 
     rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, 2)
+    if rgb.shape[2] == 1:
+        rgb = np.repeat(rgb, 3, 2)
     canvas = rgb[..., :3].astype(np.float32).copy()
     for m, c in zip(masks, colors):
         canvas[m] = (1 - alpha) * canvas[m] + alpha * np.asarray(c, np.float32)
@@ -169,13 +174,22 @@ def draw_labelled_masks(image: np.ndarray, masks: np.ndarray, texts: Sequence[st
         out[_mask_outline(m)] = c
     pil = Image.fromarray(out)
     draw = ImageDraw.Draw(pil)
-    for m, text, c in zip(masks, texts, colors):
-        ys, xs = np.nonzero(m)
-        if len(ys) == 0 or not text:
+    for k, (m, text, c) in enumerate(zip(masks, texts, colors)):
+        c = tuple(int(v) for v in c)
+        if boxes is not None:
+            x1, y1, x2, y2 = [float(v) for v in boxes[k]]
+            draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=c, width=1)
+            tb = draw.textbbox((x1, y1), text)
+            x, y = x1 + 1, (y1 - (tb[3] - tb[1]) - 2 if y1 - (tb[3] - tb[1]) - 2 >= 0 else y1)
+        else:
+            ys, xs = np.nonzero(m)
+            if len(ys) == 0:
+                continue
+            x, y = int(xs.min()), int(ys.min())
+        if not text:
             continue
-        x, y = int(xs.min()), int(ys.min())
         tb = draw.textbbox((x, y), text)
-        draw.rectangle(tb, fill=tuple(int(v) for v in c))
+        draw.rectangle(tb, fill=c)
         draw.text((x, y), text, fill=(0, 0, 0) if sum(c) > 380 else (255, 255, 255))
     return np.asarray(pil)
 
@@ -209,28 +223,11 @@ def instance_colors(n: int, seed: int = 0) -> list[tuple[int, int, int]]:
 
 def draw_instances(image: np.ndarray, masks: np.ndarray, boxes: np.ndarray, labels: Iterable[int],
                    scores: Iterable[float], class_names: list[str], alpha: float = 0.5) -> np.ndarray:
-    """uint8 (H, W, 3): each instance's mask blended in its own colour, its box outlined and
-    ``"class 0.93"`` written at the box's top-left corner."""
-    from PIL import Image, ImageDraw
-
-    rgb = image if image.ndim == 3 else np.repeat(image[:, :, None], 3, 2)
-    canvas = rgb.astype(np.float32).copy()
+    """uint8 (H, W, 3): :func:`draw_labelled_masks` of the instances, each in its own colour
+    (:func:`instance_colors`), its box outlined and ``"class 0.93"`` written above it."""
     labels, scores = list(labels), list(scores)
-    colors = instance_colors(len(labels))
-    for m, c in zip(masks, colors):
-        canvas[m] = (1 - alpha) * canvas[m] + alpha * np.array(c, np.float32)
-    pil = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(pil)
-    for box, lab, sc, c in zip(boxes, labels, scores, colors):
-        x1, y1, x2, y2 = [float(v) for v in box]
-        draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=c, width=1)
-        text = f"{class_names[lab] if 0 <= lab < len(class_names) else lab} {sc:.2f}"
-        tb = draw.textbbox((x1, y1), text)
-        ty = y1 - (tb[3] - tb[1]) - 2 if y1 - (tb[3] - tb[1]) - 2 >= 0 else y1
-        tb = draw.textbbox((x1 + 1, ty), text)
-        draw.rectangle(tb, fill=c)
-        draw.text((x1 + 1, ty), text, fill=(0, 0, 0) if sum(c) > 380 else (255, 255, 255))
-    return np.asarray(pil)
+    texts = [f"{class_names[lab] if 0 <= lab < len(class_names) else lab} {sc:.2f}" for lab, sc in zip(labels, scores)]
+    return draw_labelled_masks(image, masks, texts, instance_colors(len(labels)), alpha, boxes=np.asarray(boxes))
 
 
 def segment_colors(segments: Sequence[Mapping[str, Any]], categories: Sequence[Mapping[str, Any]]) -> list[tuple]:

@@ -155,6 +155,9 @@ def test_bool_read_only_strided_and_logits_inputs():
     t = torch.from_numpy(target.astype(np.int64)).transpose(1, 2)  # not contiguous
     p = torch.from_numpy(pred.astype(np.int64)).transpose(1, 2)
     assert update(p, t, 2, None).matrix.tolist() == want
+    flat_t, flat_p = target.astype(np.int64).ravel()[::2], pred.astype(np.int64).ravel()[::2]  # 1-D, strided
+    assert not flat_t.flags.c_contiguous
+    assert update(flat_p, flat_t, 2, None).matrix.tolist() == naive_counts(flat_p, flat_t, 2, None)
     logits = torch.nn.functional.one_hot(p, 2).permute(0, 3, 1, 2).float()
     assert update(logits, t, 2, None).matrix.tolist() == want
 

@@ -277,7 +277,7 @@ def test_disk_full_is_one_line_and_replaces_nothing(tmp_path: Path, monkeypatch:
                                                    capsys: pytest.CaptureFixture) -> None:
     import os
 
-    from pixelwise.data import io as pio
+    from pixelwise import fs as pio
 
     target = tmp_path / "labels.json"
     target.write_text("old content")

@@ -954,6 +954,14 @@ def test_libpng_decode_equals_pil(tmp_path, monkeypatch, decoder):
             fmt.read_panoptic_png(tmp_path / f"{name}.png")
         for name in ("gray", "p", "p2"):  # left to PIL (which refuses gray)
             assert fmt._decode_libpng(tmp_path / f"{name}.png") is None
+        import zlib
+
+        data = bytearray((tmp_path / "rgb.png").read_bytes())  # the same header marked interlaced
+        data[28] = 1
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+        (tmp_path / "interlaced.png").write_bytes(bytes(data))
+        monkeypatch.setattr(fmt, "_libpng_decode", lambda data: pytest.fail("an interlaced file reached libpng"))
+        assert fmt._decode_libpng(tmp_path / "interlaced.png") is None
 
 
 def test_default_threads_equal_the_loop_reference(random_files, monkeypatch):
@@ -989,3 +997,18 @@ def test_thread_errors_name_the_file_and_stop_the_rest(tmp_path, monkeypatch):
                                         r"the PNG but not in segments_info"):
         pq_compute(gt_json, pred_json)
     assert len(evaluated) < n  # the images queued after the error are not evaluated
+
+
+def test_default_threads_follow_the_idle_cpus(monkeypatch):
+    """One thread per CPU that other work leaves idle: all of them on an idle machine, one
+    when the load average fills every core."""
+    monkeypatch.setattr(panoptic.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
+    assert panoptic._default_workers() == 4
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (2.2, 2.0, 1.0))
+    assert panoptic._default_workers() == 2
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (9.5, 9.0, 8.0))
+    assert panoptic._default_workers() == 1
+    monkeypatch.setattr(panoptic.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert panoptic._default_workers() == 8

@@ -170,3 +170,12 @@ def test_bad_calibration_folder_is_one_line(trained, tmp_path, capsys, case):
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
     assert (str(folder) in err) if case != "none" else ("--calibrate" in err)
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_int8_is_an_onnx_export(trained, tmp_path, capsys):
+    ckpt, data, _ = trained
+    assert main(["export", "--checkpoint", str(ckpt), "--int8", "--calibrate", str(data), "--format", "safetensors",
+                 "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--int8" in err and "safetensors" in err
+    assert not (tmp_path / "m").exists()

@@ -66,6 +66,8 @@ class TrainConfig:
     skip_bad_samples: bool = False  # leave out (and count) samples whose files raise a DataError
     tensorboard: bool = False  # also log scalars and a few images to RUN/tensorboard (engine/loggers.py)
     progress: bool = True
+    overwrite: bool = False  # train into a folder that holds another run, replacing it
+    init_from: str | None = None  # start from foreign weights: "torchvision:ARCH:WEIGHTS.pth" (fine-tuning)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

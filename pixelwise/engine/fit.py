@@ -49,7 +49,7 @@ from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.models.registry import build_model
 from pixelwise.tasks import Task, task_for_model
 
-__all__ = ["fit", "poly_lr_lambda", "build_optimizer", "start_run", "make_deterministic", "SeededSamples",
+__all__ = ["fit", "optimizer_step", "poly_lr_lambda", "build_optimizer", "start_run", "make_deterministic", "SeededSamples",
            "TENSORBOARD_IMAGES"]
 
 #: how many val images (the first ones) TensorBoard shows with their predictions per evaluation
@@ -135,15 +135,66 @@ class SeededSamples(Dataset):
         return getattr(self.base, name)
 
 
+def optimizer_step(model: torch.nn.Module, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                   grad_clip: float | None = None) -> None:
+    """The one backward pass of pixelwise: gradients of ``loss``, clipped to ``grad_clip``
+    (total norm), then one optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+
+
 def _pictures(task: Task, model: torch.nn.Module, ds: Any, device: torch.device) -> list[np.ndarray]:
     with eval_mode(model), torch.inference_mode():
         return [task.picture(model, ds, i, device) for i in range(min(TENSORBOARD_IMAGES, len(ds)))]
 
 
-def fit(cfg: TrainConfig) -> dict[str, Any]:
-    """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records."""
+#: the files that say a folder holds a training run
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl")
+
+
+def check_run_folder(cfg: TrainConfig) -> None:
+    """Refuse to start a fresh run in a folder that holds another one, unless told to (``overwrite``)."""
+    out = Path(cfg.out)
+    if cfg.resume or cfg.overwrite or not out.is_dir():
+        return
+    found = [n for n in RUN_FILES if (out / n).exists()] + [p.name for _, p in step_checkpoints(out)][:1]
+    if found:
+        raise PixelwiseError(f"{out}: holds a training run ({', '.join(found)}); pass --resume to continue it, "
+                             f"--overwrite to replace it, or choose another --out")
+
+
+def initial_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    """The model of ``cfg.init_from`` (``torchvision:ARCH:WEIGHTS.pth``: torchvision's weights
+    converted, :mod:`pixelwise.models.torchvision`), its class layers fresh when the data has
+    another number of classes; its options are the conversion's."""
+    from pixelwise.models.torchvision import convert_torchvision
+
+    kind, _, rest = str(cfg.init_from).partition(":")
+    arch, _, path = rest.partition(":")
+    if kind != "torchvision" or not arch or not path:
+        raise PixelwiseError(f"init_from {cfg.init_from!r}: give torchvision:ARCH:WEIGHTS.pth, e.g. "
+                             "torchvision:deeplabv3_resnet50:deeplabv3_resnet50_coco.pth")
+    conv = convert_torchvision(arch, path, num_classes=num_classes)
+    if conv.spec["name"] != cfg.model:
+        raise PixelwiseError(f"init_from {cfg.init_from!r} gives a {conv.spec['name']!r} model, not {cfg.model!r}: "
+                             f"pass --model {conv.spec['name']}")
+    return conv.model.train()
+
+
+def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes: Any = None,
+        transform: Any = None) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data``; returns the best and last validation records.
+
+    Or on your own map-style datasets of (image, mask) pairs (semantic models,
+    :mod:`pixelwise.data.user`): ``train_data`` and ``val_data`` (default: ``cfg.val_fraction``
+    of ``train_data`` held out, seeded), ``classes`` (names, index = mask value) and an optional
+    joint ``transform`` that replaces pixelwise's own augmentation."""
     task = task_for_model(cfg.model)
     task.check_config(cfg, TrainConfig())
+    check_run_folder(cfg)
     device, out, norm = start_run(cfg, distributed=True)
     main = dist.is_main()  # rank 0: the one process that prints and writes files
     report_to = out / "skipped_samples.json" if main else None  # bad samples left out, listed per split
@@ -153,8 +204,21 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
                        **task.data_options(cfg.to_dict()))
         return apply_skip_bad(ds, cfg.skip_bad_samples, split, cfg.data, report_to, quiet=not main)
 
-    train_base = opened(cfg.train_split, None, **task.open_training(cfg))
-    val_ds = opened(cfg.val_split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]))
+    eval_tf = build_transforms(train=False, mean=norm["mean"], std=norm["std"])
+    if train_data is None:
+        train_base = opened(cfg.train_split, None, **task.open_training(cfg))
+        val_ds = opened(cfg.val_split, eval_tf)
+    else:  # the user's own datasets
+        from pixelwise.data.user import split_indices
+
+        if val_data is None:
+            train_idx, val_idx = split_indices(len(train_data), cfg.val_fraction)
+            train_base, val_ds = (task.wrap_dataset(train_data, classes, transform, cfg.image_mode, train_idx),
+                                  task.wrap_dataset(train_data, classes, None, cfg.image_mode, val_idx))
+        else:
+            train_base = task.wrap_dataset(train_data, classes, transform, cfg.image_mode)
+            val_ds = task.wrap_dataset(val_data, classes or train_base.classes, None, cfg.image_mode)
+        val_ds.transforms = eval_tf
     classes, extras = train_base.classes, task.checkpoint_extras(train_base)
     if task.checkpoint_extras(val_ds) != extras:
         raise DataError(getattr(val_ds, "annotation_file", cfg.data),
@@ -163,7 +227,8 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
     model_kwargs = {**task_kwargs, **cfg.model_kwargs}
     if cfg.image_mode == "L":
         model_kwargs.setdefault("in_channels", 1)
-    model = build_model(cfg.model, num_classes, **model_kwargs).to(device)
+    model = (build_model(cfg.model, num_classes, **model_kwargs) if not cfg.init_from
+             else initial_model(cfg, num_classes)).to(device)
     spec = model.pixelwise_spec
     setup = task.training(cfg, model, train_base, norm, out, main)
     train_set = SeededSamples(RepeatDataset(setup.dataset, cfg.repeat) if cfg.repeat > 1 else setup.dataset, cfg.seed)
@@ -233,11 +298,7 @@ def fit(cfg: TrainConfig) -> dict[str, Any]:
             if not math.isfinite(loss_value):
                 raise PixelwiseError(f"loss became {loss_value} at epoch {epoch + 1}, step {step}; lower --lr. "
                                      f"The last good checkpoint is kept in {out / 'last.pt'}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
+            optimizer_step(model, loss, optimizer, grad_clip)
             scheduler.step()
             step += 1
             batches += 1

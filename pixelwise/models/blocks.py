@@ -26,11 +26,13 @@ class ConvReLU(nn.Sequential):
 
 
 def resolve_output_stride(backbone: str, output_stride: int | None, preferred: int) -> int:
-    """``output_stride`` or, when None, ``preferred`` for the dilatable ``resnet*`` encoders
-    and 32 for the others (VGG, EfficientNet-Lite0 have no atrous mode)."""
+    """``output_stride`` or, when None, ``preferred`` for the dilatable encoders (``resnet*``,
+    ``timm:*``) and 32 for the others (VGG, EfficientNet-Lite0 have no atrous mode)."""
+    from pixelwise.models.backbones import dilatable
+
     if output_stride is not None:
         return int(output_stride)
-    return preferred if backbone.startswith("resnet") else 32
+    return preferred if dilatable(backbone) else 32
 
 
 class PooledBatchNorm2d(nn.BatchNorm2d):

@@ -20,6 +20,11 @@ Encoders without an atrous mode (``efficientnet_lite0``, ``vgg16``) run at outpu
 only: ``output_stride=None`` (the default) picks 16 for ``resnet*`` and 32 for them, and
 the default ASPP rates scale with the stride (``rate * 16 / output_stride``: (3, 6, 9) at
 OS 32), so the branches cover the same image area.
+
+torchvision's ``deeplabv3_resnet50/101`` are DeepLab v3 with ``output_stride=8``,
+``dilation_style="torchvision"`` (the first block of a dilated ResNet layer keeps the
+previous rate) and ``aux=True`` (torchvision's ``FCNHead`` on c4); ASPP and head are the
+same modules in the same order (see :mod:`pixelwise.models.torchvision` for the key table).
 """
 from __future__ import annotations
 
@@ -29,8 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pixelwise.models.backbones import build_encoder
+from pixelwise.models.backbones import build_encoder, dilatable
 from pixelwise.models.blocks import ConvBNReLU, PooledBatchNorm2d, resolve_output_stride
+from pixelwise.models.fcn import TorchvisionFCNHead
 from pixelwise.models.registry import register_model
 
 __all__ = [
@@ -157,19 +163,23 @@ class DeepLabV3PlusDecoder(nn.Module):
 
 def _build_atrous_encoder(
     backbone: str, in_channels: int, output_stride: int | None, multi_grid: Sequence[int] | None,
-    pretrained: str | None, backbone_weights: str | None,
+    pretrained: str | None, backbone_weights: str | None, dilation_style: str = "all",
 ):
     os_ = resolve_output_stride(backbone, output_stride, 16)
-    if os_ != 32 and not backbone.startswith("resnet"):
+    if os_ != 32 and not dilatable(backbone):
         raise ValueError(
             f"{backbone} has no atrous (dilated) mode: DeepLab runs it at output_stride=32 only "
-            f"(got output_stride={output_stride}); leave output_stride unset or use a resnet* backbone"
+            f"(got output_stride={output_stride}); leave output_stride unset or use a resnet* or timm:* backbone"
         )
     encoder = build_encoder(
         backbone, in_channels=in_channels, output_stride=os_,
         multi_grid=tuple(multi_grid) if multi_grid is not None else None,
         pretrained=pretrained, weights_path=backbone_weights,
     )
+    if dilation_style != "all":
+        if not hasattr(encoder, "set_output_stride"):
+            raise ValueError(f"dilation_style applies to resnet* backbones only, not {backbone}")
+        encoder.set_output_stride(os_, encoder.multi_grid, dilation_style)
     return encoder, os_
 
 
@@ -190,6 +200,10 @@ class DeepLabV3(nn.Module):
         dropout: after the ASPP fusion (0.5, as torchvision).
         head_conv: the extra 3x3 conv before the classifier (torchvision) or not (paper).
         in_channels, pretrained, backbone_weights: see ``build_encoder``.
+        dilation_style: ``"all"`` (DeepLab reference) or ``"torchvision"`` (first block of
+            a dilated layer keeps the previous rate), see ``ResNetEncoder``.
+        aux: an auxiliary head on c4 (torchvision's ``FCNHead``), used in training (loss
+            weight ``aux_weight``) and by :meth:`forward_dict`.
     """
 
     def __init__(
@@ -205,10 +219,12 @@ class DeepLabV3(nn.Module):
         in_channels: int = 3,
         pretrained: str | None = None,
         backbone_weights: str | None = None,
+        dilation_style: str = "all",
+        aux: bool = False,
     ):
         super().__init__()
         self.encoder, self.output_stride = _build_atrous_encoder(
-            backbone, in_channels, output_stride, multi_grid, pretrained, backbone_weights
+            backbone, in_channels, output_stride, multi_grid, pretrained, backbone_weights, dilation_style
         )
         rates = tuple(atrous_rates) if atrous_rates is not None else default_atrous_rates(self.output_stride)
         self.in_channels = in_channels
@@ -216,14 +232,27 @@ class DeepLabV3(nn.Module):
         self.head = DeepLabV3Head(
             ASPP(self.encoder.out_channels[4], rates, aspp_channels, dropout), num_classes, head_conv
         )
+        self.aux_head = TorchvisionFCNHead(self.encoder.out_channels[3], num_classes) if aux else None
 
     @property
     def aspp(self) -> ASPP:
         return self.head[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c5 = self.encoder(x)[4]
-        return F.interpolate(self.head(c5), size=x.shape[-2:], mode="bilinear", align_corners=False)
+    def forward_dict(self, x: torch.Tensor, with_aux: bool = True) -> dict[str, torch.Tensor]:
+        """``{"out": logits}`` plus ``"aux"`` (c4 head, at input size) when the model has an
+        auxiliary head and ``with_aux``, in any mode (torchvision's output)."""
+        feats = self.encoder(x)
+        size = x.shape[-2:]
+        out = {"out": F.interpolate(self.head(feats[4]), size=size, mode="bilinear", align_corners=False)}
+        if with_aux and self.aux_head is not None:
+            out["aux"] = F.interpolate(self.aux_head(feats[3]), size=size, mode="bilinear", align_corners=False)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Logits (N, C, H, W); in training with ``aux``, ``{"out", "aux"}`` for the loss."""
+        if self.training and self.aux_head is not None:
+            return self.forward_dict(x)
+        return self.forward_dict(x, with_aux=False)["out"]
 
 
 class DeepLabV3Plus(nn.Module):

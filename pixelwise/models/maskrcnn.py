@@ -32,20 +32,36 @@ frozen BN when the backbone is pretrained) and ``preset="cpu"`` (SPEC §11: a le
 measured on a 2-core CPU: ResNet-18, FPN 128 channels, mask head 4 x 128, 128 RoIs per
 image, RPN batch 128, proposals 1000/500 train and 500/200 test, anchors 12..192 for ~128 px
 images, trainable BN, no resizing of 128 px images). Any option overrides the preset.
+
+torchvision's ``maskrcnn_resnet50_fpn_v2`` (Li et al., "Benchmarking Detection Transfer
+Learning with Vision Transformers", 2021) is expressed by four options that are off in both
+presets: ``fpn_norm`` (BN after every FPN conv, no conv bias), ``rpn_conv_depth=2`` (two 3x3
+convs in the RPN head), ``box_head_convs=4`` (box head of 4 x 3x3 conv ``box_head_channels``
++ ONE fc ``box_head_dim`` instead of two fcs) and ``head_norm`` (BN in the box and mask
+heads' convs).
 """
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
+import torchvision
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.faster_rcnn import (
+    FastRCNNConvFCHead,
+    FastRCNNPredictor,
+    TwoMLPHead,
+)
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.rpn import RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_align, roi_pool
+from torchvision.ops.misc import Conv2dNormActivation
+from torchvision.ops.poolers import _onnx_merge_levels
 
 from pixelwise.models.backbones import build_encoder
 from pixelwise.models.fpn import EncoderFPN
@@ -66,7 +82,7 @@ __all__ = [
 PAPER: dict[str, Any] = {
     "backbone": "resnet50",
     "pretrained": None,  # "efficientnet-lite0" for the packaged EfficientNet-Lite0 weights
-    "weights_path": None,  # torchvision ImageNet .pth for resnet*
+    "backbone_weights": None,  # a state dict file: torchvision ImageNet .pth for resnet*, timm's for timm:*
     "in_channels": 3,
     "fpn_channels": 256,
     "frozen_bn": None,  # None: frozen when the backbone is pretrained, trainable otherwise
@@ -107,6 +123,12 @@ PAPER: dict[str, Any] = {
     "box_nms_thresh": 0.5,
     "detections_per_img": 100,
     "mask_threshold": 0.5,
+    # torchvision maskrcnn_resnet50_fpn_v2 (see the module docstring); off = the paper's heads
+    "fpn_norm": False,
+    "rpn_conv_depth": 1,
+    "box_head_convs": 0,
+    "box_head_channels": 256,
+    "head_norm": False,
 }
 
 CPU: dict[str, Any] = {
@@ -198,6 +220,13 @@ class MultiScaleRoIPooler(MultiScaleRoIAlign):
             return self.pool_level(feats[0], rois, scales[0])
         k_min, k_max = round(-math.log2(scales[0])), round(-math.log2(scales[-1]))
         levels = assign_fpn_levels(rois[:, 1:], k_min, k_max, self.canonical_scale, self.canonical_level) - k_min
+        if torchvision._is_tracing():
+            # ONNX export: every level is pooled (empty ones too) and scattered back, as
+            # torchvision's poolers do; `if idx.numel()` and `out[idx] =` would freeze the
+            # example image's RoI counts per level into the graph
+            pooled = [self.pool_level(feat, rois[torch.where(levels == lvl)[0]], scale).to(feats[0].dtype)
+                      for lvl, (feat, scale) in enumerate(zip(feats, scales))]
+            return _onnx_merge_levels(levels, pooled)
         out = feats[0].new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size))
         for lvl, (feat, scale) in enumerate(zip(feats, scales)):
             idx = torch.nonzero(levels == lvl).flatten()
@@ -236,6 +265,8 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
 
 def _encoder_stages(encoder: nn.Module) -> list[list[nn.Module]]:
     """The encoder's modules grouped into the 5 stages that produce c1..c5."""
+    if hasattr(encoder, "stage_modules"):  # EfficientNet-Lite*, timm encoders
+        return encoder.stage_modules()
     if hasattr(encoder, "layer1"):  # ResNet
         return [[encoder.conv1, encoder.bn1], [encoder.layer1], [encoder.layer2], [encoder.layer3], [encoder.layer4]]
     if hasattr(encoder, "_blocks"):  # EfficientNet-Lite0: features after blocks 0, 2, 4, 10, 15
@@ -250,6 +281,22 @@ def _encoder_stages(encoder: nn.Module) -> list[list[nn.Module]]:
             start = end + 1
         return stages
     raise ValueError(f"trainable_stages is not supported for {type(encoder).__name__}")
+
+
+def _add_fpn_norm(backbone: EncoderFPN) -> None:
+    """torchvision's FPN with ``norm_layer=BatchNorm2d``: each lateral (1x1) and output (3x3)
+    conv becomes conv without bias + BN (``maskrcnn_resnet50_fpn_v2``)."""
+    fpn = backbone.fpn
+    c = fpn.out_channels
+    fpn.lateral = nn.ModuleList(
+        Conv2dNormActivation(ci, c, kernel_size=1, padding=0, norm_layer=nn.BatchNorm2d, activation_layer=None)
+        for ci in fpn.in_channels)
+    fpn.output = nn.ModuleList(
+        Conv2dNormActivation(c, c, kernel_size=3, norm_layer=nn.BatchNorm2d, activation_layer=None)
+        for _ in fpn.in_channels)
+    for m in fpn.modules():
+        if isinstance(m, nn.Conv2d):  # the FPN reference init, as FPN's own convs
+            nn.init.kaiming_uniform_(m.weight, a=1)
 
 
 def _freeze_stages(encoder: nn.Module, trainable_stages: int) -> None:
@@ -315,6 +362,12 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     """Build Mask R-CNN; ``num_classes`` counts the background. See the module docstring."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; available: {', '.join(PRESETS)}")
+    if "weights_path" in options:  # the old name, before every model took backbone_weights
+        if "backbone_weights" in options:
+            raise ValueError("give backbone_weights, not also its old name weights_path")
+        warnings.warn("maskrcnn option weights_path is deprecated, use backbone_weights", FutureWarning,
+                      stacklevel=2)
+        options["backbone_weights"] = options.pop("weights_path")
     unknown = sorted(set(options) - set(PAPER))
     if unknown:
         raise ValueError(f"unknown maskrcnn option(s): {', '.join(unknown)}; valid: {', '.join(sorted(PAPER))}")
@@ -323,14 +376,16 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     o = {**PRESETS[preset], **options}
 
     encoder = build_encoder(o["backbone"], in_channels=int(o["in_channels"]), pretrained=o["pretrained"],
-                            weights_path=o["weights_path"])
-    pretrained = o["pretrained"] is not None or o["weights_path"] is not None
+                            weights_path=o["backbone_weights"])
+    pretrained = o["pretrained"] is not None or o["backbone_weights"] is not None
     frozen_bn = pretrained if o["frozen_bn"] is None else bool(o["frozen_bn"])
     trainable = (3 if pretrained else 5) if o["trainable_stages"] is None else int(o["trainable_stages"])
     if frozen_bn:
         freeze_batchnorm(encoder)
     _freeze_stages(encoder, trainable)
     backbone = EncoderFPN(encoder, int(o["fpn_channels"]))
+    if o["fpn_norm"]:
+        _add_fpn_norm(backbone)
 
     anchor_sizes = tuple(int(s) for s in o["anchor_sizes"])
     if len(anchor_sizes) != len(backbone.level_names):
@@ -344,10 +399,19 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     box_pool = MultiScaleRoIPooler(roi_levels, int(o["box_roi_size"]), o["sampling_ratio"], **pool_kw)
     mask_pool = MultiScaleRoIPooler(roi_levels, int(o["mask_roi_size"]), o["sampling_ratio"], **pool_kw)
     c = backbone.out_channels
-    box_head = TwoMLPHead(c * int(o["box_roi_size"]) ** 2, int(o["box_head_dim"]))
+    head_norm = nn.BatchNorm2d if o["head_norm"] else None
+    if int(o["box_head_convs"]) > 0:
+        box_head = FastRCNNConvFCHead((c, int(o["box_roi_size"]), int(o["box_roi_size"])),
+                                      [int(o["box_head_channels"])] * int(o["box_head_convs"]),
+                                      [int(o["box_head_dim"])], norm_layer=head_norm)
+    else:
+        box_head = TwoMLPHead(c * int(o["box_roi_size"]) ** 2, int(o["box_head_dim"]))
     box_predictor = FastRCNNPredictor(int(o["box_head_dim"]), num_classes)
+    rpn_head = None  # torchvision's default RPNHead (one 3x3 conv), built inside MaskRCNN
+    if int(o["rpn_conv_depth"]) != 1:
+        rpn_head = RPNHead(c, anchors.num_anchors_per_location()[0], conv_depth=int(o["rpn_conv_depth"]))
     mc = int(o["mask_head_channels"])
-    mask_head = MaskRCNNHeads(c, [mc] * int(o["mask_head_convs"]), 1)
+    mask_head = MaskRCNNHeads(c, [mc] * int(o["mask_head_convs"]), 1, norm_layer=head_norm)
     mask_predictor = MaskRCNNPredictor(mc, mc, num_classes)
     init_predictors(box_predictor, mask_predictor)
 
@@ -356,7 +420,7 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
         backbone, num_classes=None,
         min_size=int(o["min_size"]) or 800, max_size=int(o["max_size"]) or 1333,
         image_mean=[0.0] * n_in, image_std=[1.0] * n_in,  # pixelwise normalises in its data pipeline
-        rpn_anchor_generator=anchors,
+        rpn_anchor_generator=anchors, rpn_head=rpn_head,
         rpn_pre_nms_top_n_train=int(o["rpn_pre_nms_top_n_train"]),
         rpn_pre_nms_top_n_test=int(o["rpn_pre_nms_top_n_test"]),
         rpn_post_nms_top_n_train=int(o["rpn_post_nms_top_n_train"]),
@@ -382,7 +446,8 @@ def build_maskrcnn(num_classes: int, preset: str = "paper", **options: Any) -> P
     return model
 
 
-@register_model("maskrcnn", task="instance", paper="He et al., Mask R-CNN, ICCV 2017")
+@register_model("maskrcnn", task="instance", paper="He et al., Mask R-CNN, ICCV 2017",
+                options=lambda: ["preset", *PAPER])
 def maskrcnn(num_classes: int, **kwargs: Any) -> PixelwiseMaskRCNN:
     """Mask R-CNN with an FPN on a pixelwise encoder; ``num_classes`` includes the background.
     Options: see :data:`PAPER` (``preset="cpu"`` for the lean CPU setting)."""

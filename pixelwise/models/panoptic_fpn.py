@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from pixelwise.data.classes import IGNORE_INDEX
 from pixelwise.models.maskrcnn import PixelwiseMaskRCNN, build_maskrcnn
-from pixelwise.models.registry import register_model
+from pixelwise.models.registry import keyword_options, model_options, register_model
 from pixelwise.postprocess_panoptic import REFERENCE_STUFF_AREA, merge_panoptic, scaled_stuff_area
 
 __all__ = ["SemanticStage", "SemanticFPNHead", "PanopticFPN", "build_panoptic_fpn", "STAGES_PER_LEVEL",
@@ -277,7 +277,8 @@ def build_panoptic_fpn(num_classes: int, *, num_things: int | None = None, num_s
 
 
 @register_model("panoptic_fpn", task="panoptic",
-                paper="Kirillov, Girshick, He, Dollar, Panoptic Feature Pyramid Networks, CVPR 2019")
+                paper="Kirillov, Girshick, He, Dollar, Panoptic Feature Pyramid Networks, CVPR 2019",
+                options=lambda: [*keyword_options(build_panoptic_fpn), *model_options("maskrcnn")])
 def panoptic_fpn(num_classes: int, **kwargs: Any) -> PanopticFPN:
     """Panoptic FPN: Mask R-CNN + semantic FPN head on one shared FPN. ``num_classes`` = thing +
     stuff categories (no background); give ``num_things`` (incl. background) and/or

@@ -61,9 +61,9 @@ def center_crop(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     With an odd margin the extra row/column is dropped at the bottom/right (the offset is
     ``(H - h) // 2``). Works for feature maps (N, C, H, W) and label maps (N, H, W) alike.
     """
-    h, w = int(size[0]), int(size[1])
+    h, w = size[0], size[1]  # not int(): traced sizes stay symbolic in an exported graph
     H, W = x.shape[-2:]
-    if h > H or w > W:
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()) and (h > H or w > W):
         raise ValueError(f"cannot centre-crop a {H}x{W} map to {h}x{w}")
     top, left = (H - h) // 2, (W - w) // 2
     return x[..., top:top + h, left:left + w]
@@ -152,12 +152,13 @@ class UNetUp(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.up(x)
-        skip_size = (int(skip.shape[-2]), int(skip.shape[-1]))
+        skip_size = skip.shape[-2:]  # sizes stay symbolic when traced (ONNX export with free H, W)
         if self.padded:
             x = x[..., : skip_size[0], : skip_size[1]]
         else:
             skip = center_crop(skip, x.shape[-2:])
-        self.last_crop = (skip_size, (int(skip.shape[-2]), int(skip.shape[-1])))
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):  # int() would freeze an exported size
+            self.last_crop = ((int(skip_size[0]), int(skip_size[1])), (int(skip.shape[-2]), int(skip.shape[-1])))
         return self.conv(torch.cat([skip, x], dim=1))
 
 
@@ -375,11 +376,11 @@ def _upsample_to(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Bring ``x`` to ``size``: nothing if equal; bilinear x2 then a bottom/right trim when
     ``x`` is the ceil-halved map (what every encoder here produces: feature cell j covers
     pixels [2j, 2j+2) of the finer map); plain bilinear resize otherwise."""
-    H, W = int(size[0]), int(size[1])
-    h, w = x.shape[-2:]
-    if (h, w) == (H, W):
+    H, W = size[0], size[1]  # used symbolically (traced export); the branch is decided on ints
+    h, w, iH, iW = int(x.shape[-2]), int(x.shape[-1]), int(H), int(W)
+    if (h, w) == (iH, iW):
         return x
-    if (h, w) == ((H + 1) // 2, (W + 1) // 2):
+    if (h, w) == ((iH + 1) // 2, (iW + 1) // 2):
         return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)[..., :H, :W]
     return F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
 

@@ -38,7 +38,7 @@ COMMON_CONFIG_KEYS = frozenset({
     "momentum", "weight_decay", "poly_power", "warmup_steps", "crop_size", "scale_min", "scale_max", "flip",
     "repeat", "image_mode", "mean", "std", "num_workers", "seed", "time_limit", "eval_every", "device", "threads",
     "resume", "checkpoint_every", "keep_last", "deterministic", "amp", "skip_bad_samples", "tensorboard",
-    "progress", "grad_clip", "overwrite",
+    "progress", "grad_clip", "overwrite", "init_from",
 })
 
 
@@ -155,10 +155,14 @@ class Task:
     #: :func:`pixelwise.optimize.optimize` (conv+BN folding, channels_last) applies to its models
     supports_optimize: ClassVar[bool] = False
     #: how :mod:`pixelwise.export` exports its models: "dense" (batch -> logits), "detection"
-    #: (one image -> boxes, labels, scores, masks) or None (no export yet)
+    #: (one image -> boxes, labels, scores, masks), "detection+semantic" (plus semantic logits,
+    #: merged after the graph) or None (no export yet)
     export_kind: ClassVar[str | None] = None
     #: the model takes a list of (C, H, W) images (torchvision's detection convention), not a batch
     image_list_input: ClassVar[bool] = False
+    #: keyword options of :meth:`predict` besides tiling / TTA (``pixelwise.load(...).predict``
+    #: refuses the others by name)
+    predict_options: ClassVar[frozenset[str]] = frozenset()
     #: files written per input image by :meth:`write`, in order (``--skip-existing``)
     output_suffixes: ClassVar[tuple[str, ...]] = (".png", "_overlay.png")
 
@@ -181,6 +185,12 @@ class Task:
     def data_options(self, config: dict[str, Any]) -> dict[str, Any]:
         """Options of :meth:`open` that a run's config fixes (the same split when evaluating)."""
         return {}
+
+    def wrap_dataset(self, data: Any, classes: Any = None, transform: Any = None, image_mode: str = "RGB",
+                     indices: Sequence[int] | None = None) -> Any:
+        """A user's own map-style dataset as this task's samples (``indices``: a subset)."""
+        raise PixelwiseError(f"{self.name} models train on dataset folders (COCO files); a Python dataset of "
+                             "(image, mask) pairs is for semantic models")
 
     def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]] | None:
         """The DataLoader's collate function (None: the default padding collate)."""

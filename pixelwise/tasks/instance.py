@@ -135,6 +135,22 @@ class InstanceResult:
         return draw_instances(image, self.masks, self.boxes, self.labels.tolist(), self.scores.tolist(),
                               list(self.class_names), alpha)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the instance-id PNG (1 + index of the best instance per pixel, 0 = none) at
+        ``path`` and ``path`` with suffix ``.json``: per instance ``id``, ``label``,
+        ``class_name``, ``score``, ``box`` [x0, y0, x1, y1]; both atomically."""
+        path = Path(path)
+        if len(self.masks) > 255:
+            raise DataError(path, f"{len(self.masks)} instances do not fit an 8-bit id PNG (255 at most)",
+                            "raise the score threshold")
+        write_label_png(path, instance_id_map(self.masks, self.masks.shape[1:]), palette_bytes(None))
+        names = list(self.class_names)
+        rows = [{"id": i + 1, "label": int(lab), "class_name": names[lab] if 0 <= lab < len(names) else str(lab),
+                 "score": float(s), "box": [float(v) for v in b]}
+                for i, (lab, s, b) in enumerate(zip(self.labels.tolist(), self.scores.tolist(), self.boxes))]
+        write_json(path.with_suffix(".json"), {"id_png": path.name, "instances": rows})
+        return path
+
 
 def _kept(out: dict[str, torch.Tensor], score: float, mask_threshold: float) -> dict[str, Any]:
     keep = out["scores"] >= score
@@ -149,6 +165,7 @@ class InstanceTask(Task):
     best_key: ClassVar[str] = "best_mask_ap"
     default_grad_clip: ClassVar[float | None] = 10.0
     export_kind: ClassVar[str | None] = "detection"
+    predict_options: ClassVar[frozenset[str]] = frozenset({"score_threshold"})
     #: detection models take a list of (C, H, W) images
     image_list_input: ClassVar[bool] = True
     find_unused_parameters: ClassVar[bool] = True

@@ -212,6 +212,14 @@ class PanopticResult:
     def overlay(self, image: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         return draw_panoptic(image, self.id_map, self.segments, self.categories, alpha)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the COCO panoptic PNG (id = R + 256 G + 256^2 B) at ``path`` and its
+        ``segments_info`` (plus the categories) at ``path`` with suffix ``.json``; both atomically."""
+        path = Path(write_panoptic_png(Path(path), self.id_map))
+        write_json(path.with_suffix(".json"), {"file_name": path.name, "segments_info": self.segments_info(),
+                                               "categories": [dict(c) for c in self.categories]})
+        return path
+
 
 class PanopticTask(InstanceTask):
     """Panoptic FPN: the detection data pipeline and step of :class:`InstanceTask`, scored by PQ."""
@@ -220,7 +228,9 @@ class PanopticTask(InstanceTask):
     best_metric: ClassVar[str] = "pq"
     best_key: ClassVar[str] = "best_pq"
     output_suffixes: ClassVar[tuple[str, ...]] = (".png", "_overlay.png")
-    export_kind: ClassVar[str | None] = None
+    export_kind: ClassVar[str | None] = "detection+semantic"
+    #: the model merges with its own ``merge_score_threshold``
+    predict_options: ClassVar[frozenset[str]] = frozenset()
 
     # -- data ---------------------------------------------------------------------------
     def open(self, data: str, split: str, transforms: Any = None, image_mode: str = "RGB", **options: Any) -> Any:

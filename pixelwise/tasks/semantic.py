@@ -41,7 +41,7 @@ from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.losses import build_loss
 from pixelwise.metrics.instance_f1 import match_instances, summarize_counts
 from pixelwise.metrics.semantic import ConfusionMatrix
-from pixelwise.postprocess import connected_components, is_unpadded, predict_labels
+from pixelwise.postprocess import connected_components, is_unpadded, labels_from_probs, predict_labels, predict_probs
 from pixelwise.tasks.base import Evaluator, ReportContext, ReportSections, Task, TrainingSetup
 from pixelwise.viz import colorize, comparison_grid, fit_panel, overlay
 
@@ -203,15 +203,27 @@ class SemanticEvaluator(Evaluator):
 
 @dataclass
 class SemanticResult:
-    """One image's semantic prediction: ``labels`` (H, W) class ids."""
+    """One image's semantic prediction: ``labels`` (H, W) class ids; ``probs`` (K, H, W)
+    float32 class probabilities when asked for (``predict(..., probs=True)``), else None."""
 
     labels: np.ndarray
     colors: Sequence[Sequence[int]]
+    probs: np.ndarray | None = None
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the labels as a palette PNG (pixel value = class id), atomically."""
+        if self.labels.max(initial=0) > 255:
+            raise PixelwiseError(f"{path}: {int(self.labels.max()) + 1} classes do not fit a palette PNG (256 at most)")
+        return write_label_png(Path(path), self.labels.astype(np.uint8), _palette(self.colors))
 
     def overlay(self, image: np.ndarray, alpha: float = 0.5) -> np.ndarray:
         rgb = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(
             image.reshape(image.shape[0], image.shape[1], 1)[..., :1], 3, 2)
         return overlay(rgb, self.labels, self.colors, alpha)
+
+
+def _palette(colors: Sequence[Sequence[int]]) -> bytes:
+    return palette_bytes([ClassInfo(i, str(i), False, tuple(int(v) for v in c)[:3]) for i, c in enumerate(colors)])
 
 
 def _classes(ckpt: dict[str, Any]) -> list[ClassInfo]:
@@ -224,6 +236,7 @@ class SemanticTask(Task):
     best_key: ClassVar[str] = "best_miou"
     supports_optimize: ClassVar[bool] = True
     export_kind: ClassVar[str | None] = "dense"
+    predict_options: ClassVar[frozenset[str]] = frozenset({"probs"})
     config_keys: ClassVar[frozenset[str]] = frozenset({"loss", "class_weights", "aux_weight", "elastic",
                                                        "weight_map", "val_fraction", "colors"})
 
@@ -231,6 +244,18 @@ class SemanticTask(Task):
     def open(self, data: str, split: str, transforms: Any = None, image_mode: str = "RGB", **options: Any) -> Any:
         keys = ("with_instances", "val_fraction", "colors", "quiet")
         return open_dataset(data, split, transforms, image_mode, **{k: options[k] for k in keys if k in options})
+
+    def wrap_dataset(self, data: Any, classes: Any = None, transform: Any = None, image_mode: str = "RGB",
+                     indices: Sequence[int] | None = None) -> Any:
+        from pixelwise.data.user import IndexSubset, UserSegmentation
+
+        if isinstance(data, UserSegmentation) and indices is None:
+            return data
+        base = data.base if isinstance(data, UserSegmentation) else data
+        if isinstance(data, UserSegmentation):
+            classes, transform = classes or data.classes, transform or data.joint
+        return UserSegmentation(IndexSubset(base, indices) if indices is not None else base, classes, transform,
+                                image_mode)
 
     def data_options(self, config: dict[str, Any]) -> dict[str, Any]:
         """The automatic train/val split (``val_fraction``, seed 0: the split does not change
@@ -327,10 +352,14 @@ class SemanticTask(Task):
     # -- prediction ---------------------------------------------------------------------
     def predict(self, model: nn.Module, image: np.ndarray, ckpt: dict[str, Any], device: torch.device,
                 **options: Any) -> SemanticResult:
+        want_probs = bool(options.get("probs"))
         options = {k: options.get(k) for k in ("tile", "overlap", "scales")} | {"flip": bool(options.get("flip"))}
         x = normalize_image(image, ckpt["normalization"])[None].to(device)
-        labels = predict_labels(model, x, **options)[0].cpu().numpy()
-        return SemanticResult(labels, [c.color for c in _classes(ckpt)])
+        colors = [c.color for c in _classes(ckpt)]
+        if not want_probs:
+            return SemanticResult(predict_labels(model, x, **options)[0].cpu().numpy(), colors)
+        p = predict_probs(model, x, **options)
+        return SemanticResult(labels_from_probs(p)[0].cpu().numpy(), colors, p[0].float().cpu().numpy())
 
     def write(self, result: SemanticResult, image: np.ndarray, out: Path, stem: str, ckpt: dict[str, Any],
               state: dict[str, Any], alpha: float = 0.5) -> Path:
