@@ -131,6 +131,11 @@ class _Arch:
     kwargs: dict[str, Any]
     rules: _Rules
     classifier_key: str  # its first dimension is num_classes
+
+    @property
+    def detection(self) -> bool:
+        """torchvision's detection convention (class 0 = background, COCO names, frozen BN)."""
+        return self.classifier_key == _DET_CLASSES
     class_layers: tuple[str, ...]  # torchvision prefixes of the layers whose shape depends on the classes
     aux: bool = False  # whether the presence of aux_classifier.* sets aux=True
 
@@ -271,9 +276,9 @@ def _class_dicts(arch: _Arch, num_classes: int) -> list[dict[str, Any]]:
     from pixelwise.data.classes import palette
 
     names: list[str] = [f"class_{i}" for i in range(num_classes)]
-    if arch.task == "semantic" and num_classes == len(_meta._VOC_CATEGORIES):
+    if not arch.detection and num_classes == len(_meta._VOC_CATEGORIES):
         names = list(_meta._VOC_CATEGORIES)
-    elif arch.task == "instance" and num_classes == len(_meta._COCO_CATEGORIES):
+    elif arch.detection and num_classes == len(_meta._COCO_CATEGORIES):
         names = list(_meta._COCO_CATEGORIES)
     seen: set[str] = set()
     for i, n in enumerate(names):  # COCO's unused ids are all called "N/A"
@@ -281,7 +286,7 @@ def _class_dicts(arch: _Arch, num_classes: int) -> list[dict[str, Any]]:
             names[i] = f"{n} ({i})"
         seen.add(names[i])
     colors = palette(num_classes)
-    return [{"id": i, "name": n, "isthing": arch.task == "instance" and i > 0, "color": list(colors[i])}
+    return [{"id": i, "name": n, "isthing": arch.detection and i > 0, "color": list(colors[i])}
             for i, n in enumerate(names)]
 
 
@@ -321,7 +326,7 @@ def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str
     kwargs = dict(a.kwargs)
     if a.aux:
         kwargs["aux"] = any(k.startswith("aux_classifier.") for k in sd)
-    if a.task == "instance":
+    if a.detection:
         # torchvision freezes BN (FrozenBatchNorm2d: no counters) exactly when it loads
         # pretrained weights; follow the file so the numerics are torchvision's
         frozen = not any(k.startswith("backbone.body.") and k.endswith("num_batches_tracked") for k in sd)
@@ -338,7 +343,7 @@ def convert_torchvision(arch: str, weights: str | os.PathLike[str] | Mapping[str
     model.eval()
     from pixelwise.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-    extras = {"category_ids": list(range(num_classes))} if a.task == "instance" else {}
+    extras = {"category_ids": list(range(num_classes))} if a.detection else {}
     return TorchvisionConversion(
         model=model, spec=model.pixelwise_spec, task=a.task, classes=_class_dicts(a, num_classes),
         normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "image_mode": "RGB"},
