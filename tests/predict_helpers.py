@@ -38,3 +38,29 @@ def mixed_sizes(src: Path, dst: Path, sizes=((48, 48), (48, 48), (40, 56), (48, 
 def tree_bytes(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` (relative POSIX path -> bytes)."""
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def semantic_checkpoint(path: Path, num_classes: int = 6) -> Path:
+    """A seeded, untrained U-Net (width 1/16) whose BatchNorm layers hold non-trivial statistics,
+    so its labels vary over an image and conv+BN folding changes its arithmetic; saved as a
+    checkpoint with the shapes classes (no training: a second)."""
+    import torch
+
+    from pixelwise.data.synthetic import SHAPES_CLASSES
+    from pixelwise.engine.checkpoint import save_checkpoint
+    from pixelwise.models.registry import build_model
+
+    torch.manual_seed(0)
+    m = build_model("unet", num_classes, width=0.0625).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.2, 0.2)
+                mod.running_var.uniform_(0.5, 2.0)
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.3, 0.3)
+    classes = [{"id": c.id, "name": c.name, "color": list(c.color)} for c in SHAPES_CLASSES[:num_classes]]
+    save_checkpoint(path, {"model": m.pixelwise_spec, "state_dict": m.state_dict(), "classes": classes,
+                           "normalization": {"mean": [0.5] * 3, "std": [0.25] * 3, "image_mode": "RGB"},
+                           "config": {}, "epoch": 0, "step": 0, "metrics": {}})
+    return path
