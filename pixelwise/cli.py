@@ -480,8 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--outputs", default="labels,overlay", metavar="KINDS",
                    help="comma-separated: labels (the label PNG, always written), overlay (colour overlay), "
                         "probs (class probabilities, NAME_probs.npz; semantic); default labels,overlay")
-    p.add_argument("--batch-size", type=int, default=4,
-                   help="images of one size per forward pass (sizes are grouped; instance/panoptic: 1); default 4")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one size per forward pass (sizes are grouped; instance/panoptic: 1); default: "
+                        "up to 8, at most 8 x 512 x 512 pixels per pass")
     p.add_argument("--num-workers", type=int, default=None,
                    help="processes decoding and writing images beside the forward pass (default: auto, "
                         "min(2, cores - 1); 0 = all in this process)")

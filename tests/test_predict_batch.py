@@ -38,6 +38,9 @@ def test_size_batches_groups_by_size_in_order() -> None:
     assert size_batches(sizes, 3) == [[0, 1, 3], [2, 5], [4], [6, 7]]
     assert size_batches(sizes, 1) == [[i] for i in range(8)]
     assert sorted(i for b in size_batches(sizes, 2) for i in b) == list(range(8))  # each index once
+    # the automatic batch: a pixel budget per pass (4 x 4 = 16 px: 2 images; 5 x 3 = 15 px: 2)
+    assert size_batches(sizes, 8, max_pixels=35) == [[0, 1], [2, 5], [3, 6], [4], [7]]
+    assert size_batches([(100, 100)] * 2, 8, max_pixels=10) == [[0], [1]]  # at least one image
 
 
 @pytest.mark.parametrize("optimize", [True, False])

@@ -48,6 +48,8 @@ SEMANTIC_OUTPUTS = (".png", "_overlay.png")  # per input image, written in this 
 #: what ``outputs`` may name; ``labels`` (the main file) is always written
 OUTPUT_KINDS = ("labels", "overlay", "probs")
 DEFAULT_OUTPUTS = ("labels", "overlay")
+#: ``batch_size=None``: up to 8 images, at most this many pixels per forward pass (8 x 512 x 512)
+AUTO_BATCH, AUTO_BATCH_PIXELS = 8, 8 * 512 * 512
 #: the list of unreadable images a ``skip_bad_images`` run left out, in ``out``
 SKIPPED_JSON = "skipped_images.json"
 
@@ -125,20 +127,22 @@ def pending_inputs(files: Iterable[Path], out: str | os.PathLike, suffixes: Iter
     return [f for f, n in zip(files, names) if not all((out / f"{n}{s}").is_file() for s in suffixes)]
 
 
-def size_batches(sizes: Sequence[Any], batch_size: int) -> list[list[int]]:
+def size_batches(sizes: Sequence[Any], batch_size: int, max_pixels: int | None = None) -> list[list[int]]:
     """Indices grouped into batches of at most ``batch_size`` images of one size, in the order
-    each size first appears (input order within a size); an unknown size (None) is alone."""
+    each size first appears (input order within a size); an unknown size (None) is alone.
+    ``max_pixels``: also at most this many pixels per batch (``(w, h)`` sizes; at least one image)."""
     groups: dict[Any, list[int]] = {}
     batches: list[list[int]] = []
     for i, s in enumerate(sizes):
-        if s is None or batch_size <= 1:
+        cap = batch_size if s is None or not max_pixels else min(batch_size, max(1, max_pixels // (s[0] * s[1])))
+        if s is None or cap <= 1:
             batches.append([i])
             continue
         if s not in groups:
             groups[s] = []
             batches.append(groups[s])
         group = groups[s]
-        if len(group) == batch_size:
+        if len(group) == cap:
             groups[s] = group = []
             batches.append(group)
         group.append(i)
@@ -231,7 +235,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
                   scales: tuple[float, ...] | None = None, fast: bool = False, optimize: bool | None = None,
                   skip_existing: bool = False, score_threshold: float = 0.5,
                   gt_json: str | os.PathLike | None = None, ckpt: dict[str, Any] | None = None,
-                  batch_size: int = 1, num_workers: int = 0, outputs: str | Sequence[str] | None = None,
+                  batch_size: int | None = 1, num_workers: int = 0, outputs: str | Sequence[str] | None = None,
                   skip_bad_images: bool = False) -> list[Path]:
     """Write the task's files for every input image (see the module docstring) into ``out``.
 
@@ -241,7 +245,8 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     exist (an interrupted run resumes where it stopped; every file is written atomically, so a
     killed run leaves no partial file and its last image is redone). ``score_threshold``: the
     lowest instance score written (instance checkpoints). ``batch_size``: images of one size
-    per forward pass (tasks without batching run one by one). ``num_workers``: decoding and
+    per forward pass (tasks without batching run one by one); None: automatic, up to 8 images
+    and 8 x 512 x 512 pixels per pass. ``num_workers``: decoding and
     writing processes (0: all in this process). ``outputs``: ``labels``, ``overlay``,
     ``probs`` (comma-separated; default labels,overlay). ``skip_bad_images``: leave out the
     images that cannot be read, list them in ``OUT/skipped_images.json`` and warn in one line
@@ -250,7 +255,7 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     """
     from pixelwise.engine import distributed as dist_
 
-    if batch_size < 1 or num_workers < 0:
+    if (batch_size is not None and batch_size < 1) or num_workers < 0:
         raise PixelwiseError(f"batch_size must be >= 1 and num_workers >= 0, got {batch_size} and {num_workers}")
     ckpt = ckpt if ckpt is not None else load_checkpoint(checkpoint)
     task = task_of_checkpoint(ckpt)
@@ -283,8 +288,9 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     for d in sorted({(out / names[i]).parent for i in index}):
         d.mkdir(parents=True, exist_ok=True)
 
-    bs = batch_size if task.batched_predict else 1
-    batches = size_batches([_header_size(files[i]) for i in index] if bs > 1 else [None] * len(index), bs)
+    bs = (batch_size or AUTO_BATCH) if task.batched_predict else 1
+    batches = size_batches([_header_size(files[i]) for i in index] if bs > 1 else [None] * len(index), bs,
+                           AUTO_BATCH_PIXELS if batch_size is None else None)
     ds = _Images([files[i] for i in index], mode)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list,
                                          multiprocessing_context="fork" if num_workers else None)
