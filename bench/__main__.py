@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-GROUPS = ["metrics", "pq", "mask_ap", "inference", "train", "elastic", "memory", "data"]
+GROUPS = ["metrics", "pq", "mask_ap", "inference", "train", "elastic", "memory", "data", "predict"]
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         os.environ["PIXELWISE_BENCH_QUICK"] = "1"
-    from bench import common, metrics, models
+    from bench import common, metrics, models, predict
 
     groups = a.only or GROUPS
     load_before = common.load()
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         "metrics": metrics.confusion_rows, "pq": metrics.pq_rows, "mask_ap": metrics.mask_ap_rows,
         "inference": lambda: models.inference_rows(flops) + models.flops_rows(flops),
         "train": models.train_rows, "elastic": models.elastic_rows, "memory": models.memory_rows,
-        "data": models.data_rows,
+        "data": models.data_rows, "predict": predict.predict_rows,
     }
     for g in groups:
         print(f"[bench] {g} ...", file=sys.stderr, flush=True)

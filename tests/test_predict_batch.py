@@ -172,3 +172,28 @@ def test_instance_and_panoptic_checkpoints_still_predict(model, det_data, tmp_pa
     assert not any("_overlay" in k for k in lab) and all(a[k] == v for k, v in lab.items())
     assert main([*base, "--out", str(tmp_path / "p"), "--outputs", "probs"]) == 2
     assert "cannot write --outputs probs" in capsys.readouterr().err
+
+
+def test_interrupted_run_with_writer_processes_leaves_only_whole_files(ckpt, images, tmp_path, monkeypatch):
+    import pixelwise.tasks.semantic as sem
+
+    calls = []
+    real = sem.SemanticTask.predict_batch
+
+    def stop_at_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(sem.SemanticTask, "predict_batch", stop_at_third)
+    out = tmp_path / "o"
+    with pytest.raises(KeyboardInterrupt):
+        predict_files(ckpt, [images], out, progress=False, batch_size=2, num_workers=2)
+    left = sorted(p.name for p in out.iterdir())
+    assert not [n for n in left if n.endswith(".tmp")] and len(left) <= 8  # two batches of 2 at most
+    for p in out.iterdir():
+        Image.open(p).load()  # every file there is whole
+    monkeypatch.setattr(sem.SemanticTask, "predict_batch", real)
+    predict_files(ckpt, [images], out, progress=False, batch_size=2, num_workers=2, skip_existing=True)
+    assert len(list(out.iterdir())) == 14

@@ -186,6 +186,9 @@ _WRITER: dict[str, Any] = {}
 
 
 def _writer_init(task: Any, ckpt: dict[str, Any], out: Path, alpha: float, outputs: tuple[str, ...]) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which ends the pool
     torch.set_num_threads(1)
     _WRITER.update(task=task, ckpt=ckpt, out=out, alpha=alpha, outputs=outputs)
 
@@ -292,11 +295,12 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
     batches = size_batches([_header_size(files[i]) for i in index] if bs > 1 else [None] * len(index), bs,
                            AUTO_BATCH_PIXELS if batch_size is None else None)
     ds = _Images([files[i] for i in index], mode)
+    start = "fork" if "fork" in mp.get_all_start_methods() else "spawn"  # fork: no re-import per worker
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, num_workers=num_workers, collate_fn=_as_list,
-                                         multiprocessing_context="fork" if num_workers else None)
+                                         multiprocessing_context=start if num_workers else None)
     pool = None
     if num_workers and task.write_in_workers:
-        pool = mp.get_context("fork").Pool(num_workers, _writer_init, (task, _slim(ckpt), out, alpha, kinds))
+        pool = mp.get_context(start).Pool(num_workers, _writer_init, (task, _slim(ckpt), out, alpha, kinds))
     written: dict[int, Path] = {}
     skipped: list[dict[str, str]] = []
     pending: deque = deque()
@@ -333,10 +337,20 @@ def predict_files(checkpoint: str | os.PathLike, inputs: Iterable[str | os.PathL
                 drain(4 * max(1, num_workers) * bs)
             bar.update(len(batch))
         drain(0)
+    except BaseException:
+        if pool is not None:  # writers stopped mid-file leave their temporary files: remove them
+            pool.terminate()
+            pool.join()
+            for i, _ in pending:
+                for sfx in suffixes:
+                    target = out / f"{names[i]}{sfx}"
+                    for tmp in target.parent.glob(f".{target.name}.*.tmp"):
+                        tmp.unlink(missing_ok=True)
+        raise
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
+            pool.close()
             pool.join()
     mine = [written[i] for i in sorted(written)]
     if world > 1:
