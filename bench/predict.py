@@ -5,6 +5,7 @@ included), on 128 px and 1024 px images with the demo-sized model (fcn8s, VGG16-
 6 classes, seeded weights); and overlays vs labels-only. The labels of both are compared."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def predict_rows() -> list[Row]:
         work = Path(tmp)
         ckpt = str(_checkpoint(work / "demo.pt"))
         cases = [(60, 128), (8, 1024)] if QUICK else [(300, 128), (40, 1024)]
+        if os.environ.get("PIXELWISE_BENCH_PREDICT"):  # e.g. "40x1024": only these cases
+            cases = [tuple(int(v) for v in c.split("x")) for c in os.environ["PIXELWISE_BENCH_PREDICT"].split(",")]
         for n, size in cases:
             src = _images(work, n, size)
             out = work / f"out{size}"
@@ -86,7 +89,7 @@ def predict_rows() -> list[Row]:
                 return _run([sys.executable, "bench/plain_predict.py", ckpt, str(src), str(out / "plain")])
 
             times = {"pw": [], "plain": [], "overlay": []}
-            for rep in range(1 if QUICK else 2):  # alternating order
+            for rep in range(2):  # alternating order; the faster of two runs each
                 order = ["pw", "plain", "overlay"] if rep % 2 == 0 else ["plain", "overlay", "pw"]
                 for k in order:
                     times[k].append(plain() if k == "plain" else
