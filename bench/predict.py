@@ -81,11 +81,11 @@ def predict_rows() -> list[Row]:
             src = _images(work, n, size)
             out = work / f"out{size}"
 
-            def pixelwise(*flags: str, dst: str = "pw") -> float:
+            def pixelwise(*flags: str, dst: str = "pw", src: Path = src, out: Path = out) -> float:
                 return _run([sys.executable, "-m", "pixelwise", "predict", "--checkpoint", ckpt, str(src),
                              "--out", str(out / dst), "--quiet", *flags])
 
-            def plain() -> float:
+            def plain(src: Path = src, out: Path = out) -> float:
                 return _run([sys.executable, "bench/plain_predict.py", ckpt, str(src), str(out / "plain")])
 
             times = {"pw": [], "plain": [], "overlay": []}

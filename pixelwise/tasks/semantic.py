@@ -41,8 +41,15 @@ from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.losses import build_loss
 from pixelwise.metrics.instance_f1 import match_instances, summarize_counts
 from pixelwise.metrics.semantic import ConfusionMatrix
-from pixelwise.postprocess import (connected_components, is_unpadded, labels_from_probs, logits_of, predict_labels,
-                                   predict_probs, probabilities)
+from pixelwise.postprocess import (
+    connected_components,
+    is_unpadded,
+    labels_from_probs,
+    logits_of,
+    predict_labels,
+    predict_probs,
+    probabilities,
+)
 from pixelwise.tasks.base import Evaluator, ReportContext, ReportSections, Task, TrainingSetup
 from pixelwise.viz import colorize, comparison_grid, fit_panel, overlay
 
