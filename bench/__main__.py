@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data", "byod"]
+GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data", "predict", "byod"]
 
 
 def main(argv=None) -> int:
@@ -20,7 +20,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.quick:
         os.environ["PIXELWISE_BENCH_QUICK"] = "1"
-    from bench import common, int8, metrics, models
+    from bench import common, int8, metrics, models, predict
 
     groups = a.only or GROUPS
     load_before = common.load()
@@ -30,7 +30,7 @@ def main(argv=None) -> int:
         "metrics": metrics.confusion_rows, "pq": metrics.pq_rows, "mask_ap": metrics.mask_ap_rows,
         "inference": lambda: models.inference_rows(flops) + models.flops_rows(flops),
         "train": models.train_rows, "elastic": models.elastic_rows, "memory": models.memory_rows,
-        "data": models.data_rows, "int8": int8.int8_rows,
+        "data": models.data_rows, "int8": int8.int8_rows, "predict": predict.predict_rows,
         "byod": lambda: __import__("bench.byod", fromlist=["byod_rows"]).byod_rows(),
     }
     for g in groups:

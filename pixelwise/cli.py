@@ -273,34 +273,49 @@ def _split_evaluate_panoptic(argv: Sequence[str]) -> list[str] | None:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from pixelwise.engine.predict import predict_files
+    from pixelwise.engine.predict import check_outputs, collect_inputs, output_names, parse_outputs, predict_files
 
     if a.onnx:  # an exported model: onnxruntime + NumPy, no checkpoint and no PyTorch in the loop
         from pixelwise.export import predict_files_onnx
 
         if a.skip_existing:
             raise PixelwiseError("--skip-existing works with --checkpoint, not (yet) with --onnx")
+        from pathlib import Path
 
+        files = collect_inputs(a.inputs)  # the exported runner writes OUT/{stem}.png, ...: never onto an input
+        check_outputs(files, [f.stem for f in files], Path(a.out), (".png", "_overlay.png", ".json"))
         written = predict_files_onnx(a.onnx, a.inputs, a.out, alpha=a.alpha, progress=not a.quiet)
         print(f"wrote {len(written)} label maps and overlays to {a.out}")
         return 0
     if not a.checkpoint:
         raise PixelwiseError("predict needs --checkpoint CKPT or --onnx MODEL.onnx")
+    if a.fast and a.no_optimize:
+        raise PixelwiseError("--fast and --no-optimize contradict each other; optimize() is on by default")
+    from pixelwise.data.loading import resolve_num_workers
     from pixelwise.engine.checkpoint import load_checkpoint
+    from pixelwise.engine.distributed import is_main
     from pixelwise.tasks import task_of_checkpoint
 
     ckpt = load_checkpoint(a.checkpoint)
     task = task_of_checkpoint(ckpt)
+    outputs = parse_outputs(a.outputs)
     written = predict_files(a.checkpoint, a.inputs, a.out, device=a.device, alpha=a.alpha, progress=not a.quiet,
-                            fast=a.fast, skip_existing=a.skip_existing, ckpt=ckpt, **_inference_kwargs(a))
+                            fast=a.fast, optimize=False if a.no_optimize else None, skip_existing=a.skip_existing,
+                            ckpt=ckpt, batch_size=a.batch_size, num_workers=resolve_num_workers(a.num_workers),
+                            outputs=outputs, skip_bad_images=a.skip_bad_images, **_inference_kwargs(a))
+    if not is_main():  # under torchrun, rank 0 reports
+        return 0
     per_run = task.end_predict_files
     images, extra = written[:len(written) - per_run], written[len(written) - per_run:]
     if a.skip_existing:
-        from pixelwise.engine.predict import collect_inputs
-
         done = len(collect_inputs(a.inputs)) - len(images)
         print(f"{done} images already had their outputs in {a.out} (--skip-existing): not predicted again")
-    print(task.predict_summary(len(images), a.out, extra))
+    summary = task.predict_summary(len(images), a.out, extra)
+    if "overlay" not in outputs:
+        summary = summary.replace(" and overlays", "")
+    if "probs" in outputs:
+        summary += " (class probabilities in *_probs.npz)"
+    print(summary)
     return 0
 
 
@@ -525,6 +540,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-existing", action="store_true",
                    help="resume an interrupted run: leave out images whose outputs are all in OUT already")
+    p.add_argument("--skip-bad-images", action="store_true",
+                   help="leave out images that cannot be read (listed in OUT/skipped_images.json) instead of stopping")
+    p.add_argument("--outputs", default="labels,overlay", metavar="KINDS",
+                   help="comma-separated: labels (the label PNG, always written), overlay (colour overlay), "
+                        "probs (class probabilities, NAME_probs.npz; semantic); default labels,overlay")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images of one size per forward pass (sizes are grouped; instance/panoptic: 1); default: "
+                        "up to 8, at most 8 x 512 x 512 pixels per pass")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="processes decoding and writing images beside the forward pass (default: auto, "
+                        "min(2, cores - 1); 0 = all in this process)")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="run the model as trained: no conv+BN folding / channels_last (on by default where the "
+                        "outputs stay equal within 1e-4: semantic models)")
     p.add_argument("--quiet", action="store_true")
     _add_inference_flags(p)
     p.set_defaults(func=_cmd_predict)

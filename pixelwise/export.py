@@ -45,11 +45,12 @@ more than 41 % to the multiple of 32 (e.g. 40x40 with ``min_size=0``): there the
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -200,7 +201,7 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
 
     ``size``: the example input's (H, W) (``unet_original``: rounded up to a valid size);
     ``dynamic``: free batch, height and width (Mask R-CNN: height and width; its number of
-    detections is always free). Written atomically (temporary name, rename).
+    detections is always free). Written atomically (a unique temporary name, renamed; removed on failure).
     """
     import copy
 
@@ -236,14 +237,28 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "out_height", 3: "out_width"}}
-    with warnings.catch_warnings():
+    with _temporary(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter
         torch.onnx.export(_Logits(model), (x,), str(tmp), dynamo=False, input_names=["image"],
                           output_names=["logits"], dynamic_axes=axes if dynamic else None, opset_version=opset,
                           do_constant_folding=True)
-    return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
+        return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
+
+
+@contextlib.contextmanager
+def _temporary(out: Path) -> Iterator[Path]:
+    """A fresh temporary name beside ``out`` (``.NAME.RANDOM.tmp``: two exports to one file
+    never share it), removed when the block fails; the block moves it onto ``out``."""
+    import secrets
+
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        yield tmp
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 def _finish(tmp: Path, out: Path, metadata: dict[str, Any], dynamic: bool, size: tuple[int, int]) -> Path:
@@ -321,7 +336,6 @@ def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size:
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     names = list(_INSTANCE_OUTPUTS) + (["sem_seg"] if panoptic else [])
     axes: dict[str, dict[int, str]] = {k: {0: "detections"} for k in _INSTANCE_OUTPUTS}
     if dynamic:
@@ -330,12 +344,12 @@ def _export_instance(model: Any, out: str | os.PathLike, *, dynamic: bool, size:
         if panoptic:
             axes["sem_seg"] = {1: "height", 2: "width"}
     wrapper = _PanopticOneImage(model) if panoptic else _OneImage(model)
-    with warnings.catch_warnings():
+    with _temporary(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter
         torch.onnx.export(wrapper.eval(), (x,), str(tmp), dynamo=False, input_names=["image"],
                           output_names=names, dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=True)
-    return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
+        return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
 
 
 #: the formats of :func:`export_checkpoint` (``pixelwise export --format``)

@@ -282,7 +282,7 @@ def test_predict_resumes_after_an_interruption(clean: Path, checkpoint: Path, tm
 
     monkeypatch.setattr(task, "predict", counting_predict)
     assert main(["predict", "--checkpoint", str(checkpoint), str(images), "--out", str(out), "--quiet",
-                 "--skip-existing"]) == 0
+                 "--skip-existing", "--batch-size", "1"]) == 0  # counts task.predict: one image per call
     assert len(calls["predict"]) == len(names) - 2  # the third image had no overlay: it is redone
     assert "2 images already had their outputs" in capsys.readouterr().out
     for n in names:
@@ -291,7 +291,7 @@ def test_predict_resumes_after_an_interruption(clean: Path, checkpoint: Path, tm
         assert (out / name).stat().st_mtime_ns == done[name], name  # finished images untouched
     calls["predict"].clear()
     assert main(["predict", "--checkpoint", str(checkpoint), str(images), "--out", str(out), "--quiet",
-                 "--skip-existing"]) == 0
+                 "--skip-existing", "--batch-size", "1"]) == 0  # counts task.predict: one image per call
     assert calls["predict"] == []  # all done: nothing to predict
 
 

@@ -264,13 +264,43 @@ class Task:
         """One uint8 (H, W[, C]) image -> a typed result (model in eval mode)."""
         raise NotImplementedError
 
+    #: :meth:`predict_batch` runs several images of one size in one forward pass
+    batched_predict: ClassVar[bool] = False
+    #: :meth:`write` keeps no run state, so it may run in writer processes
+    write_in_workers: ClassVar[bool] = True
+    #: the output kinds of ``predict --outputs`` this task writes ("labels" is always written)
+    output_kinds: ClassVar[frozenset[str]] = frozenset({"labels", "overlay"})
+    #: files written once per run by :meth:`end_predict`, relative to the output folder
+    per_run_files: ClassVar[tuple[str, ...]] = ()
+
+    def predict_batch(self, model: nn.Module, images: Sequence[np.ndarray], ckpt: dict[str, Any],
+                      device: torch.device, **options: Any) -> list[Any]:
+        """Images of one size -> their results, equal to :meth:`predict` on each (default: one by one)."""
+        return [self.predict(model, image, ckpt, device, **options) for image in images]
+
+    def check_outputs(self, outputs: Sequence[str]) -> None:
+        """Refuse output kinds this task cannot write (one line)."""
+        bad = sorted(set(outputs) - self.output_kinds)
+        if bad:
+            raise PixelwiseError(f"{self.name} checkpoints cannot write --outputs {', '.join(bad)}; this task "
+                                 f"writes: {', '.join(sorted(self.output_kinds))}")
+
+    def output_suffixes_for(self, outputs: Sequence[str]) -> tuple[str, ...]:
+        """The files :meth:`write` writes per image for these output kinds (``--skip-existing``)."""
+        return tuple(s for s in self.output_suffixes if s != "_overlay.png" or "overlay" in outputs)
+
+    def gather_predict_state(self, state: dict[str, Any], gather: Callable[[list[Any]], list[Any]]) -> dict[str, Any]:
+        """Under torchrun: every rank's run state combined (``gather`` concatenates lists in rank order)."""
+        return state
+
     def begin_predict(self, files: Sequence[Path], out: Path, ckpt: dict[str, Any], **options: Any) -> dict[str, Any]:
         """State shared by the images of one ``predict`` run (e.g. image ids)."""
         return {}
 
     def write(self, result: Any, image: np.ndarray, out: Path, stem: str, ckpt: dict[str, Any],
-              state: dict[str, Any], alpha: float = 0.5) -> Path:
-        """Write the result's files (:attr:`output_suffixes`) atomically; returns the main one."""
+              state: dict[str, Any], alpha: float = 0.5, *, outputs: Sequence[str] = ("labels", "overlay")) -> Path:
+        """Write the result's files (:meth:`output_suffixes_for` ``outputs``) atomically as
+        ``out/{stem}{suffix}`` (``stem`` may hold sub-folders, which exist); returns the main one."""
         raise NotImplementedError
 
     def end_predict(self, out: Path, ckpt: dict[str, Any], state: dict[str, Any]) -> list[Path]:

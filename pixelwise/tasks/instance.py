@@ -244,9 +244,10 @@ class InstanceTask(Task):
                               [c["name"] for c in ckpt["classes"]])
 
     def write(self, result: InstanceResult, image: np.ndarray, out: Path, stem: str, ckpt: dict[str, Any],
-              state: dict[str, Any], alpha: float = 0.5) -> Path:
+              state: dict[str, Any], alpha: float = 0.5, *, outputs: Sequence[str] = ("labels", "overlay")) -> Path:
         path = write_label_png(out / f"{stem}.png", instance_id_map(result.masks, image.shape), palette_bytes(None))
-        write_image(out / f"{stem}_overlay.png", result.overlay(image, alpha))
+        if "overlay" in outputs:
+            write_image(out / f"{stem}_overlay.png", result.overlay(image, alpha))
         dets = detections_to_coco(stem, {"boxes": torch.from_numpy(result.boxes), "scores": torch.from_numpy(
             result.scores), "labels": torch.from_numpy(result.labels), "masks": result.masks}, ckpt["category_ids"])
         names = result.class_names

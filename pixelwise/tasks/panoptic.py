@@ -307,29 +307,37 @@ class PanopticTask(InstanceTask):
         pred = model([normalize_image(image, ckpt["normalization"]).to(device)])[0]
         return PanopticResult(pred["panoptic"].cpu().numpy(), list(pred["segments_info"]), ckpt["categories"])
 
+    write_in_workers: ClassVar[bool] = False  # its annotations go into one JSON per run
+    per_run_files: ClassVar[tuple[str, ...]] = (PREDICTIONS_JSON,)
+
     def begin_predict(self, files: Sequence[Path], out: Path, ckpt: dict[str, Any], **options: Any) -> dict[str, Any]:
         if options.get("skip_existing"):  # its one JSON for the whole folder would have to be merged
             raise PixelwiseError("--skip-existing is not supported for panoptic checkpoints")
-        stems: dict[str, Path] = {}
-        for f in files:
-            if f.stem in stems:
-                raise DataError(f, f"has the same name as {stems[f.stem]}: their predictions would overwrite each "
+        names = list(options.get("names") or [f.stem for f in files])
+        seen: dict[str, Path] = {}
+        for f, n in zip(files, names):
+            if n in seen:
+                raise DataError(f, f"has the same name as {seen[n]}: their predictions would overwrite each "
                                    "other", "predict them into different --out folders")
-            stems[f.stem] = f
-        ids = _image_ids(files, options.get("gt_json")) or [f.stem for f in files]
-        return {"ids": dict(zip((f.stem for f in files), ids)), "annotations": [], "images": [],
-                "names": {f.stem: f.name for f in files}}
+            seen[n] = f
+        ids = _image_ids(files, options.get("gt_json")) or names
+        return {"ids": dict(zip(names, ids)), "annotations": [], "images": [],
+                "names": {n: f.name for f, n in zip(files, names)}}
 
     def write(self, result: PanopticResult, image: np.ndarray, out: Path, stem: str, ckpt: dict[str, Any],
-              state: dict[str, Any], alpha: float = 0.5) -> Path:
+              state: dict[str, Any], alpha: float = 0.5, *, outputs: Sequence[str] = ("labels", "overlay")) -> Path:
         path = write_panoptic_png(out / f"{stem}.png", result.id_map)
-        write_image(out / f"{stem}_overlay.png", result.overlay(image, alpha))
+        if "overlay" in outputs:
+            write_image(out / f"{stem}_overlay.png", result.overlay(image, alpha))
         image_id = state["ids"][stem]
         state["annotations"].append({"image_id": image_id, "file_name": f"{stem}.png",
                                      "segments_info": result.segments_info()})
         state["images"].append({"id": image_id, "file_name": state["names"][stem],
                                 "height": int(result.id_map.shape[0]), "width": int(result.id_map.shape[1])})
         return Path(path)
+
+    def gather_predict_state(self, state: dict[str, Any], gather: Any) -> dict[str, Any]:
+        return {**state, "annotations": gather(state["annotations"]), "images": gather(state["images"])}
 
     def end_predict(self, out: Path, ckpt: dict[str, Any], state: dict[str, Any]) -> list[Path]:
         return [write_panoptic_predictions(out / PREDICTIONS_JSON, state["annotations"], ckpt["categories"],

@@ -41,7 +41,15 @@ from pixelwise.errors import DataError, PixelwiseError
 from pixelwise.losses import build_loss
 from pixelwise.metrics.instance_f1 import match_instances, summarize_counts
 from pixelwise.metrics.semantic import ConfusionMatrix
-from pixelwise.postprocess import connected_components, is_unpadded, labels_from_probs, predict_labels, predict_probs
+from pixelwise.postprocess import (
+    connected_components,
+    is_unpadded,
+    labels_from_probs,
+    logits_of,
+    predict_labels,
+    predict_probs,
+    probabilities,
+)
 from pixelwise.tasks.base import Evaluator, ReportContext, ReportSections, Task, TrainingSetup
 from pixelwise.viz import colorize, comparison_grid, fit_panel, overlay
 
@@ -224,6 +232,16 @@ class SemanticResult:
 
 def _palette(colors: Sequence[Sequence[int]]) -> bytes:
     return palette_bytes([ClassInfo(i, str(i), False, tuple(int(v) for v in c)[:3]) for i, c in enumerate(colors)])
+def write_probs(path: Path, probs: np.ndarray, class_names: Sequence[str]) -> Path:
+    """Write (C, H, W) class probabilities as a compressed ``.npz`` atomically: ``probs``
+    (float16, within 5e-4 of the float32 values) and ``classes`` (the names, in channel order)."""
+    import io
+
+    from pixelwise.fs import atomic_write_bytes
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, probs=np.asarray(probs, np.float16), classes=np.asarray(list(class_names)))
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def _classes(ckpt: dict[str, Any]) -> list[ClassInfo]:
@@ -350,21 +368,55 @@ class SemanticTask(Task):
         return comparison_grid([[image, overlay(image, pred, [c.color for c in ds.classes])]])
 
     # -- prediction ---------------------------------------------------------------------
+    batched_predict: ClassVar[bool] = True
+    output_kinds: ClassVar[frozenset[str]] = frozenset({"labels", "overlay", "probs"})
+    output_suffixes: ClassVar[tuple[str, ...]] = (".png", "_overlay.png", "_probs.npz")
+
+    def output_suffixes_for(self, outputs: Sequence[str]) -> tuple[str, ...]:
+        return (".png",) + (("_overlay.png",) if "overlay" in outputs else ()) + (
+            ("_probs.npz",) if "probs" in outputs else ())
+
+    def _infer(self, model: nn.Module, images: Sequence[np.ndarray], ckpt: dict[str, Any], device: torch.device,
+               options: dict[str, Any]) -> list[SemanticResult]:
+        """Images of one size in one forward pass; labels equal :func:`predict_labels`'s."""
+        tta = {k: options.get(k) for k in ("tile", "overlap", "scales")} | {"flip": bool(options.get("flip"))}
+        x = torch.stack([normalize_image(im, ckpt["normalization"]) for im in images]).to(device)
+        probs = None
+        if "probs" not in (options.get("outputs") or ()) and not options.get("probs"):
+            labels = predict_labels(model, x, **tta)
+        elif tta["tile"] is None and not tta["flip"] and not (tta["scales"] and tuple(tta["scales"]) != (1.0,)) \
+                and not is_unpadded(model):  # predict_labels' plain case: labels from the logits, as there
+            logits = logits_of(model(x))
+            labels = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(1)
+            probs = probabilities(logits)
+        else:
+            probs = predict_probs(model, x, **tta)
+            labels = labels_from_probs(probs)
+        colors = [c.color for c in _classes(ckpt)]
+        labels = labels.cpu().numpy()
+        probs_np = probs.cpu().numpy() if probs is not None else None
+        return [SemanticResult(labels[k], colors, None if probs_np is None else probs_np[k])
+                for k in range(len(images))]
+
     def predict(self, model: nn.Module, image: np.ndarray, ckpt: dict[str, Any], device: torch.device,
                 **options: Any) -> SemanticResult:
-        want_probs = bool(options.get("probs"))
-        options = {k: options.get(k) for k in ("tile", "overlap", "scales")} | {"flip": bool(options.get("flip"))}
-        x = normalize_image(image, ckpt["normalization"])[None].to(device)
-        colors = [c.color for c in _classes(ckpt)]
-        if not want_probs:
-            return SemanticResult(predict_labels(model, x, **options)[0].cpu().numpy(), colors)
-        p = predict_probs(model, x, **options)
-        return SemanticResult(labels_from_probs(p)[0].cpu().numpy(), colors, p[0].float().cpu().numpy())
+        return self._infer(model, [image], ckpt, device, options)[0]
+
+    def predict_batch(self, model: nn.Module, images: Sequence[np.ndarray], ckpt: dict[str, Any],
+                      device: torch.device, **options: Any) -> list[SemanticResult]:
+        if len(images) == 1:
+            return [self.predict(model, images[0], ckpt, device, **options)]
+        return self._infer(model, images, ckpt, device, options)
 
     def write(self, result: SemanticResult, image: np.ndarray, out: Path, stem: str, ckpt: dict[str, Any],
-              state: dict[str, Any], alpha: float = 0.5) -> Path:
+              state: dict[str, Any], alpha: float = 0.5, *, outputs: Sequence[str] = ("labels", "overlay")) -> Path:
         path = write_label_png(out / f"{stem}.png", result.labels.astype(np.uint8), palette_bytes(_classes(ckpt)))
-        write_image(out / f"{stem}_overlay.png", result.overlay(image, alpha))
+        if "overlay" in outputs:
+            write_image(out / f"{stem}_overlay.png", result.overlay(image, alpha))
+        if "probs" in outputs:
+            if result.probs is None:
+                raise PixelwiseError(f"{stem}: no probabilities were computed; predict with outputs incl. 'probs'")
+            write_probs(out / f"{stem}_probs.npz", result.probs, [c["name"] for c in ckpt["classes"]])
         return path
 
     def serve_layer(self, result: SemanticResult, ckpt: dict[str, Any]) -> dict[str, Any]:
