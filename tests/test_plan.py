@@ -31,7 +31,7 @@ def test_the_plan_sizes_the_run_for_the_cpu_and_keeps_what_the_user_set(shapes):
     assert planned.model_kwargs == CPU_MODEL_OPTIONS["unet"]
     assert planned.crop_size == 96 and 1 <= planned.batch_size <= 4  # largest multiple of 32 <= 96 px images
     assert planned.optimizer == "adamw" and planned.epochs >= 1 and planned.time_limit > 0
-    assert 3 <= planned.epochs <= 20 and planned.repeat >= 1
+    assert 3 <= planned.epochs <= 10 and planned.repeat >= 1
     assert planned.epochs * (8 * planned.repeat // planned.batch_size) >= 30  # at least 30 steps in all
     assert line.startswith("plan: unet (width 0.125), crop 96, batch ") and "GB budget" in line and "\n" not in line
 

@@ -12,8 +12,8 @@ chooses, each only where the user set nothing:
 - the batch: the largest (up to 4) whose measured peak memory stays within the budget
   (default half the available RAM, ``--max-memory``): one forward/backward pass of a batch of 2
   at the crop size, peak RSS from the kernel (``VmHWM``);
-- the length: about :data:`CPU_MINUTES` minutes of steps at the measured step time, in 3 to 20
-  epochs of about 40 steps (random crops of repeated images); ``time_limit`` stops it at 1.5x that.
+- the length: about :data:`CPU_MINUTES` minutes of steps at the measured step time, in 3 to 10
+  epochs (random crops of repeated images); ``time_limit`` stops it at 1.5x that.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ CPU_MODEL_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 #: how long a planned CPU run trains
-CPU_MINUTES = 2.5
+CPU_MINUTES = 1.5
 #: steps per epoch a planned run aims at (few large images: random crops, repeated)
 STEPS_PER_EPOCH = 40
 #: larger batches cost step time on 2-8 cores; more steps in the same minutes learn more
@@ -182,10 +182,10 @@ def plan_training(cfg: TrainConfig, explicit: set[str], max_memory: int | None =
                 f"{budget / 2 ** 30:.1f} GB: pass a smaller --crop-size, --max-memory or --model-arg width=...")
     changes["batch_size"] = batch
     step_s = sec_per_image * batch
-    # the run's length: about CPU_MINUTES of steps, in 3..20 epochs (an evaluation and a checkpoint each)
+    # the run's length: about CPU_MINUTES of steps, in 3..10 epochs (an evaluation and a checkpoint each)
     total = max(30, int(CPU_MINUTES * 60 / max(step_s, 1e-3)))
     if "epochs" not in explicit:
-        changes["epochs"] = max(3, min(20, round(total / STEPS_PER_EPOCH)))
+        changes["epochs"] = max(3, min(10, round(total / STEPS_PER_EPOCH)))
     epochs = changes.get("epochs", cfg.epochs)
     if "repeat" not in explicit:
         changes["repeat"] = max(1, math.ceil(max(1, total // epochs) * batch / max(1, len(ds))))
