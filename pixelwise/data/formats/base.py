@@ -51,6 +51,14 @@ class SampleDataset(Dataset):
 
     transforms: Any = None
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
     def load(self, index: int) -> dict[str, Any]:  # pragma: no cover - interface
         raise NotImplementedError
 

@@ -559,14 +559,6 @@ class FolderSegmentation(SampleDataset):
     def ids(self) -> list[str]:
         return [p.id for p in self.pairs]
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c.name for c in self.classes]
-
     def __len__(self) -> int:
         return len(self.pairs)
 

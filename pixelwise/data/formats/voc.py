@@ -220,14 +220,6 @@ class VOCSegmentation(SampleDataset):
 
     # -- Dataset protocol -----------------------------------------------------------------
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def class_names(self) -> list[str]:
-        return [c.name for c in self.classes]
-
     def __len__(self) -> int:
         return len(self.ids)
 
