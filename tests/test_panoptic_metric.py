@@ -1006,7 +1006,11 @@ def test_default_threads_follow_the_idle_cpus(monkeypatch):
     monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (0.3, 0.2, 0.1))
     assert panoptic._default_workers() == 4
     monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (2.2, 2.0, 1.0))
-    assert panoptic._default_workers() == 2
+    assert panoptic._default_workers() == 3  # 1.2 of other work: 2.8 CPUs free, rounded
+    monkeypatch.setattr(panoptic.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (1.04, 1.0, 0.9))  # only this process running
+    assert panoptic._default_workers() == 2  # (truncating 1.96 gave 1 thread on an idle 2-core machine)
+    monkeypatch.setattr(panoptic.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
     monkeypatch.setattr(panoptic.os, "getloadavg", lambda: (9.5, 9.0, 8.0))
     assert panoptic._default_workers() == 1
     monkeypatch.setattr(panoptic.os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)

@@ -582,7 +582,7 @@ def _default_workers() -> int:
     except (AttributeError, OSError):
         n = os.cpu_count() or 1
     try:
-        idle = int(n - os.getloadavg()[0] + 1)  # the 1-minute load includes this thread
+        idle = round(n - os.getloadavg()[0] + 1)  # the 1-minute load includes this thread (~1.0 of it)
     except (AttributeError, OSError):  # no load average (Windows)
         idle = n
     return max(1, min(n, idle, 8))
