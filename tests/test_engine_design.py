@@ -299,3 +299,21 @@ def test_eval_mode_restores_the_mode():
     with pytest.raises(RuntimeError), eval_mode(m):
         raise RuntimeError
     assert not m.training
+
+
+def test_grad_clip_is_a_config_key_of_every_task(shapes_data, tmp_path, monkeypatch):
+    """``grad_clip`` clips in the one loop for any task; null = the task's default (semantic: off,
+    instance / panoptic: 10, what their loop always did)."""
+    from pixelwise.engine.fit import fit
+
+    calls: list[float] = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_",
+                        lambda params, max_norm, *a, **k: calls.append(max_norm) or real(params, max_norm, *a, **k))
+    base = dict(model="fcn8s", model_kwargs={"width": 0.125, "backbone": "vgg16_bn"}, data=str(shapes_data),
+                epochs=1, batch_size=8, crop_size=48, num_workers=0, progress=False)
+    fit(TrainConfig(out=str(tmp_path / "a"), **base))
+    assert calls == []
+    fit(TrainConfig(out=str(tmp_path / "b"), grad_clip=0.5, **base))
+    assert calls == [0.5, 0.5]  # 16 images, batch 8: every step clipped
+    assert get_task("instance").default_grad_clip == get_task("panoptic").default_grad_clip == 10.0
