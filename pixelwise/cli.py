@@ -273,7 +273,7 @@ def _split_evaluate_panoptic(argv: Sequence[str]) -> list[str] | None:
 
 
 def _cmd_predict(a: argparse.Namespace) -> int:
-    from pixelwise.engine.predict import check_outputs, collect_inputs, output_names, parse_outputs, predict_files
+    from pixelwise.engine.predict import check_outputs, collect_inputs, parse_outputs, predict_files
 
     if a.onnx:  # an exported model: onnxruntime + NumPy, no checkpoint and no PyTorch in the loop
         from pixelwise.export import predict_files_onnx

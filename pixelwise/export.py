@@ -152,6 +152,24 @@ def _make_exportable(model: Any, dynamic: bool) -> None:
         _swap_adaptive_pools(model)
 
 
+def _logits_only(model: Any) -> Any:
+    """``model`` as a module returning only its logits (:func:`pixelwise.postprocess.logits_of`:
+    a training-time ``{"out", "aux"}`` dict becomes ``out``), for the exporters."""
+    import torch
+
+    from pixelwise.postprocess import logits_of
+
+    class _Logits(torch.nn.Module):
+        def __init__(self, m: torch.nn.Module):
+            super().__init__()
+            self.m = m
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return logits_of(self.m(image))
+
+    return _Logits(model)
+
+
 def _task(name: str):
     """The registered task called ``name`` (it says how its models export)."""
     from pixelwise.tasks import get_task
@@ -226,21 +244,12 @@ def export_onnx(model: Any, out: str | os.PathLike, *, dynamic: bool = True, siz
         fold_conv_bn(model, x)
     _make_exportable(model, dynamic)
 
-    class _Logits(torch.nn.Module):
-        def __init__(self, m: torch.nn.Module):
-            super().__init__()
-            self.m = m
-
-        def forward(self, t: torch.Tensor) -> torch.Tensor:
-            y = self.m(t)
-            return y["out"] if isinstance(y, dict) else y
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     axes = {"image": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch", 2: "out_height", 3: "out_width"}}
     with _temporary(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer / deprecation chatter
-        torch.onnx.export(_Logits(model), (x,), str(tmp), dynamo=False, input_names=["image"],
+        torch.onnx.export(_logits_only(model), (x,), str(tmp), dynamo=False, input_names=["image"],
                           output_names=["logits"], dynamic_axes=axes if dynamic else None, opset_version=opset,
                           do_constant_folding=True)
         return _finish(tmp, out, metadata or onnx_metadata(model), dynamic, (h, w))
@@ -426,21 +435,12 @@ def export_torch(model: Any, out: str | os.PathLike, *, dynamic: bool = True, si
     c = in_channels if in_channels is not None else _in_channels(model)
     _make_exportable(model, dynamic)
 
-    class _Logits(torch.nn.Module):
-        def __init__(self, m: torch.nn.Module):
-            super().__init__()
-            self.m = m
-
-        def forward(self, image: torch.Tensor) -> torch.Tensor:
-            y = self.m(image)
-            return y["out"] if isinstance(y, dict) else y
-
     n = 2 if dynamic else 1  # an example batch of 1 would fix N to 1
     x = torch.randn(n, c, h, w, generator=torch.Generator().manual_seed(0))
     shapes = {"image": {0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO}} if dynamic else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.export.export(_Logits(model), (x,), dynamic_shapes=shapes, strict=False)
+        program = torch.export.export(_logits_only(model), (x,), dynamic_shapes=shapes, strict=False)
     meta = dict(metadata or onnx_metadata(model))
     meta.update(dynamic=bool(dynamic), export_size=[h, w], size_multiple=TORCH_EXPORT_MULTIPLE if dynamic else None)
     out = Path(out)

@@ -136,8 +136,7 @@ def _task_sections(task: Task, ctx: ReportContext) -> ReportSections:
     ds = task.open(ctx.data, ctx.split, build_transforms(train=False, mean=norm["mean"], std=norm["std"]),
                    ctx.image_mode, quiet=True, **task.data_options(ctx.ckpt.get("config") or {}))
     task.check_data(ds, ctx.ckpt, ctx.data)
-    collate = {"collate_fn": task.collate()} if task.collate() is not None else {}
-    loader = make_loader(ds, ctx.batch_size, shuffle=False, num_workers=0, **collate)
+    loader = make_loader(ds, ctx.batch_size, shuffle=False, num_workers=0, collate_fn=task.collate())
     evaluator = task.evaluator(ds, ctx.ckpt, model, **task.evaluation_files(ctx.ckpt_path, None, ctx.split))
     metrics = run_evaluation(model, loader, evaluator, ctx.device)
     sections = task.report(ctx, model, ds, metrics)

@@ -41,6 +41,7 @@ def overlay(image: np.ndarray, label: np.ndarray, colors: Sequence[Sequence[int]
         image = np.repeat(image[..., None], 3, axis=2)
     if image.shape[2] == 1:
         image = np.repeat(image, 3, axis=2)
+    image = image[..., :3]
     color = colorize(label, colors, ignore_index).astype(np.float32)
     out = np.clip((1 - alpha) * image.astype(np.float32) + alpha * color + 0.5, 0, 255).astype(np.uint8)
     if boundaries:
@@ -267,10 +268,7 @@ def draw_panoptic(image: np.ndarray, id_map: np.ndarray, segments: Sequence[Mapp
     masks = np.stack([id_map == int(s["id"]) for s in segments]) if segments else np.zeros((0, *id_map.shape), bool)
     texts = [f"{names.get(int(s['category_id']), s['category_id'])} {s['id']}" if s.get("isthing") else ""
              for s in segments]
-    rgb = image if image.ndim == 3 else image[:, :, None]
-    if rgb.shape[2] == 1:
-        rgb = np.repeat(rgb, 3, 2)
-    return draw_labelled_masks(rgb, masks, texts, segment_colors(segments, categories), alpha)
+    return draw_labelled_masks(image, masks, texts, segment_colors(segments, categories), alpha)
 
 
 #: longest side of a report grid panel (smaller images are enlarged by a whole factor)

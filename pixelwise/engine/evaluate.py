@@ -108,8 +108,7 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, data: str | os.PathLike, 
                                  "instance_f1": instance_f1, "min_size": min_size}.items() if v}
     task.check_eval_options(options)
     options.update(task.evaluation_files(Path(checkpoint), Path(out) if out is not None else None, split))
-    collate = {"collate_fn": task.collate()} if task.collate() is not None else {}
-    loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, **collate)
+    loader = make_loader(ds, batch_size, shuffle=False, num_workers=num_workers, collate_fn=task.collate())
     metrics = run_evaluation(model, loader, task.evaluator(ds, ckpt, model, **options), dev, progress,
                              f"eval {split}")
     metrics.update({"task": task.name, **task.naming(ckpt), "checkpoint": str(checkpoint), "split": split,

@@ -234,7 +234,7 @@ def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes:
     train_set = SeededSamples(RepeatDataset(setup.dataset, cfg.repeat) if cfg.repeat > 1 else setup.dataset, cfg.seed)
     optimizer = build_optimizer(model.parameters(), cfg)
     sampler = dist.distributed_sampler(train_set, shuffle=True, seed=cfg.seed)  # this rank's share, per epoch
-    collate = {"collate_fn": task.collate()} if task.collate() is not None else {}
+    collate = {"collate_fn": task.collate()}
     if len(train_set) == 0 or len(val_ds) == 0:
         raise DataError(getattr(train_base, "annotation_file", cfg.data), "the split has no images")
     train_loader = make_loader(train_set, cfg.batch_size, False, cfg.num_workers, cfg.seed, drop_last=True,

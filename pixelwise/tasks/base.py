@@ -192,9 +192,11 @@ class Task:
         raise PixelwiseError(f"{self.name} models train on dataset folders (COCO files); a Python dataset of "
                              "(image, mask) pairs is for semantic models")
 
-    def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]] | None:
-        """The DataLoader's collate function (None: the default padding collate)."""
-        return None
+    def collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
+        """The DataLoader's collate function (default: batch tensors, padding images of other sizes)."""
+        from pixelwise.data.loading import pad_collate
+
+        return pad_collate
 
     def model_args(self, ds: Any) -> tuple[int, dict[str, Any]]:
         """``(num_classes, build_model kwargs)`` from the training set."""

@@ -88,6 +88,12 @@ def has_instance_maps(root: str | os.PathLike) -> bool:
     return any(Path(root, d).is_dir() and any(Path(root, d).glob("*.png")) for d in OBJECT_DIRS)
 
 
+def _layout_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The automatic train/val split (``val_fraction``, seed 0: the split does not change with
+    the training seed) and the RGB masks' colour table of a run's config."""
+    return {"val_fraction": float(config.get("val_fraction", 0.2) or 0.2), "colors": config.get("colors")}
+
+
 def class_weights(cfg: Any, num_classes: int) -> list[float] | None:
     """The loss's class weights of ``cfg.class_weights``: None, SegNet's median-frequency
     balancing computed on the training split, or the given list."""
@@ -97,7 +103,7 @@ def class_weights(cfg: Any, num_classes: int) -> list[float] | None:
         from pixelwise.data.stats import dataset_class_stats
 
         raw = open_dataset(cfg.data, cfg.train_split, None, cfg.image_mode, skip_bad=cfg.skip_bad_samples, quiet=True,
-                           **SemanticTask().data_options(cfg.to_dict()))
+                           **_layout_options(cfg.to_dict()))
         return [float(w) for w in dataset_class_stats(raw, num_classes)["median_frequency_weights"]]
     if isinstance(cfg.class_weights, (list, tuple)) and len(cfg.class_weights) == num_classes:
         return [float(w) for w in cfg.class_weights]
@@ -225,9 +231,7 @@ class SemanticResult:
         return write_label_png(Path(path), self.labels.astype(np.uint8), _palette(self.colors))
 
     def overlay(self, image: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-        rgb = image if image.ndim == 3 and image.shape[2] == 3 else np.repeat(
-            image.reshape(image.shape[0], image.shape[1], 1)[..., :1], 3, 2)
-        return overlay(rgb, self.labels, self.colors, alpha)
+        return overlay(image, self.labels, self.colors, alpha)  # grey (H, W) / (H, W, 1) images too
 
 
 def _palette(colors: Sequence[Sequence[int]]) -> bytes:
@@ -276,9 +280,7 @@ class SemanticTask(Task):
                                 image_mode)
 
     def data_options(self, config: dict[str, Any]) -> dict[str, Any]:
-        """The automatic train/val split (``val_fraction``, seed 0: the split does not change
-        with the training seed) and the RGB masks' colour table of a run's config."""
-        return {"val_fraction": float(config.get("val_fraction", 0.2) or 0.2), "colors": config.get("colors")}
+        return _layout_options(config)
 
     def check_data(self, ds: Any, ckpt: dict[str, Any], data: Any) -> None:
         names = [c["name"] for c in ckpt["classes"]]
@@ -318,12 +320,11 @@ class SemanticTask(Task):
             train_ds.transforms = train_tf
             ds = train_ds
         num_classes = len(train_ds.classes)
-        criterion = build_loss(cfg.loss, num_classes=num_classes, ignore_index=255,
-                               class_weights=class_weights(cfg, num_classes), aux_weight=cfg.aux_weight)
-        device_criterion: dict[torch.device, nn.Module] = {}
+        device = next(model.parameters()).device  # the loop moved the model to its device before this
+        loss_fn = build_loss(cfg.loss, num_classes=num_classes, ignore_index=255,
+                             class_weights=class_weights(cfg, num_classes), aux_weight=cfg.aux_weight).to(device)
 
         def step(net: nn.Module, batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
-            loss_fn = device_criterion.setdefault(device, criterion.to(device))
             images = batch["image"].to(device, non_blocking=True)
             target = batch["semantic"].to(device, non_blocking=True)
             pixel_w = batch.get("weight_map")
