@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data", "predict", "byod"]
+GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data", "predict", "byod", "quality"]
 
 
 def main(argv=None) -> int:
@@ -32,6 +32,7 @@ def main(argv=None) -> int:
         "train": models.train_rows, "elastic": models.elastic_rows, "memory": models.memory_rows,
         "data": models.data_rows, "int8": int8.int8_rows, "predict": predict.predict_rows,
         "byod": lambda: __import__("bench.byod", fromlist=["byod_rows"]).byod_rows(),
+        "quality": lambda: __import__("bench.quality", fromlist=["quality_rows"]).quality_rows(),
     }
     for g in groups:
         print(f"[bench] {g} ...", file=sys.stderr, flush=True)

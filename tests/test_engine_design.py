@@ -317,3 +317,35 @@ def test_grad_clip_is_a_config_key_of_every_task(shapes_data, tmp_path, monkeypa
     fit(TrainConfig(out=str(tmp_path / "b"), grad_clip=0.5, **base))
     assert calls == [0.5, 0.5]  # 16 images, batch 8: every step clipped
     assert get_task("instance").default_grad_clip == get_task("panoptic").default_grad_clip == 10.0
+
+
+def test_poly_schedule_follows_the_time_limit():
+    """progress = max(step / total, share of the time limit spent): the factor is the poly
+    value of whichever is further along."""
+    from pixelwise.engine.fit import ScheduleClock, poly_lr_lambda
+
+    clock = ScheduleClock()
+    f = poly_lr_lambda(100, 0.9, 0, clock)
+    assert f(10) == pytest.approx(0.9 ** 0.9)  # clock at 0: the step count rules
+    clock.fraction = 0.5
+    assert f(10) == pytest.approx(0.5 ** 0.9)
+    assert f(80) == pytest.approx(0.2 ** 0.9)  # steps further along than the clock
+    clock.fraction = 1.0
+    assert f(10) == 0.0
+    assert poly_lr_lambda(100, 0.9)(10) == pytest.approx(0.9 ** 0.9)  # no clock: steps only
+
+
+def test_a_run_stopped_by_its_time_limit_ends_annealed(shapes_data, tmp_path):
+    """With a time limit that ends the run long before its last epoch, the LR still reaches 0 at
+    the stop (time_schedule: true, the default) instead of being cut at full LR; off, it is cut."""
+    from pixelwise.engine.fit import fit
+
+    base = dict(model="fcn8s", model_kwargs={"width": 0.125, "backbone": "vgg16_bn"}, data=str(shapes_data),
+                epochs=200, batch_size=2, crop_size=48, num_workers=0, progress=False, time_limit=2.0, lr=0.01)
+    paced = fit(TrainConfig(out=str(tmp_path / "a"), **base))
+    assert paced["steps"] < 200 * 8  # the time limit, not the epochs, ended it
+    assert paced["last"]["lr"] == 0.0
+    cut = fit(TrainConfig(out=str(tmp_path / "b"), time_schedule=False, **base))
+    assert cut["last"]["lr"] > 0.009
+    det = fit(TrainConfig(out=str(tmp_path / "c"), deterministic=True, **base))  # must not depend on the clock
+    assert det["last"]["lr"] > 0.009

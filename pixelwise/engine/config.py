@@ -53,7 +53,8 @@ class TrainConfig:
     std: list[float] | None = None
     num_workers: int | None = None  # DataLoader workers; None = auto (inference.default_num_workers: min(2, cores - 1))
     seed: int = 0
-    time_limit: float | None = None  # seconds; training stops after the epoch that passes it
+    time_limit: float | None = None  # seconds of training; it stops at the first step past it (then evaluates)
+    time_schedule: bool = True  # with a time_limit, the poly LR reaches 0 at the limit if that comes before the last step
     eval_every: int = 1
     device: str = "auto"  # auto | cpu | cuda
     threads: int | None = None

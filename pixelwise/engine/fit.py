@@ -56,15 +56,34 @@ __all__ = ["fit", "optimizer_step", "poly_lr_lambda", "build_optimizer", "start_
 TENSORBOARD_IMAGES = 4
 
 
-def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0):
-    """LR factor of the 'poly' schedule (DeepLab/PSPNet): (1 - step/total)^power, with optional linear warmup."""
+def poly_lr_lambda(total_steps: int, power: float = 0.9, warmup_steps: int = 0,
+                   time_fraction: Callable[[], float] | None = None):
+    """LR factor of the 'poly' schedule (DeepLab/PSPNet): (1 - progress)^power, with optional
+    linear warmup. progress = step / total_steps, or the share of the time limit spent when
+    ``time_fraction`` says more: a run stopped by its time limit ends with the LR near zero
+    (annealed) instead of being cut at full LR, whatever the machine's speed."""
 
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
             return (step + 1) / warmup_steps
-        return max(0.0, 1.0 - step / max(1, total_steps)) ** power
+        progress = step / max(1, total_steps)
+        if time_fraction is not None:
+            progress = max(progress, time_fraction())
+        return max(0.0, 1.0 - progress) ** power
 
     return f
+
+
+class ScheduleClock:
+    """The share of the time limit spent, as last agreed by all ranks (0 before the first step).
+    The loop sets ``fraction`` once per step from the synchronised elapsed time, so every rank
+    follows the same learning rate."""
+
+    def __init__(self) -> None:
+        self.fraction = 0.0
+
+    def __call__(self) -> float:
+        return self.fraction
 
 
 def build_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -242,8 +261,10 @@ def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes:
     val_loader = make_loader(val_ds, max(1, cfg.batch_size), False, cfg.num_workers,
                              sampler=dist.shard_sampler(val_ds) if dist.is_distributed() else None, **collate)
     steps_per_epoch = len(train_loader)
+    # a time limit also paces the schedule, except where runs must not depend on the clock
+    clock = ScheduleClock() if cfg.time_limit and cfg.time_schedule and not cfg.deterministic else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, poly_lr_lambda(cfg.epochs * steps_per_epoch, cfg.poly_power, cfg.warmup_steps))
+        optimizer, poly_lr_lambda(cfg.epochs * steps_per_epoch, cfg.poly_power, cfg.warmup_steps, clock))
     grad_clip = task.default_grad_clip if cfg.grad_clip is None else (cfg.grad_clip or None)
 
     state = RunState()
@@ -291,10 +312,14 @@ def fit(cfg: TrainConfig, train_data: Any = None, val_data: Any = None, classes:
                 losses = setup.step(ddp, batch, device)
             loss = sum(losses.values())
             # the step's one host sync: every term averaged over ranks, NaN check, time limit (all ranks agree)
-            timed_out = bool(cfg.time_limit and time.time() - t0 > cfg.time_limit)
-            values, stop = dist.step_sync_values(torch.stack([*(v.detach() for v in losses.values()),
-                                                              loss.detach()]), timed_out)
-            loss_value = values[-1]
+            elapsed = time.time() - t0
+            timed_out = bool(cfg.time_limit and elapsed > cfg.time_limit)
+            values, stop = dist.step_sync_values(torch.stack([*(v.detach().float() for v in losses.values()),
+                                                              loss.detach().float(), loss.new_tensor(elapsed).float()]),
+                                                 timed_out)
+            loss_value = values[-2]
+            if clock is not None:
+                clock.fraction = min(1.0, values[-1] / cfg.time_limit)
             if not math.isfinite(loss_value):
                 raise PixelwiseError(f"loss became {loss_value} at epoch {epoch + 1}, step {step}; lower --lr. "
                                      f"The last good checkpoint is kept in {out / 'last.pt'}")

@@ -36,7 +36,7 @@ __all__ = ["Task", "Evaluator", "TrainingSetup", "ReportContext", "ReportSection
 COMMON_CONFIG_KEYS = frozenset({
     "model", "model_kwargs", "data", "out", "train_split", "val_split", "epochs", "batch_size", "lr", "optimizer",
     "momentum", "weight_decay", "poly_power", "warmup_steps", "crop_size", "scale_min", "scale_max", "flip",
-    "repeat", "image_mode", "mean", "std", "num_workers", "seed", "time_limit", "eval_every", "device", "threads",
+    "repeat", "image_mode", "mean", "std", "num_workers", "seed", "time_limit", "time_schedule", "eval_every", "device", "threads",
     "resume", "checkpoint_every", "keep_last", "deterministic", "amp", "skip_bad_samples", "tensorboard",
     "progress", "grad_clip", "overwrite", "init_from",
 })
