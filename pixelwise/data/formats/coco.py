@@ -37,6 +37,7 @@ from pixelwise.data.io import atomic_write_text, read_image
 from pixelwise.errors import DataError
 
 __all__ = [
+    "CocoImageDataset",
     "CocoInstances",
     "annotation_from_mask",
     "coco_field_problems",
@@ -435,7 +436,40 @@ def is_coco_dataset(data: str | os.PathLike, split: str = "train") -> bool:
     return True
 
 
-class CocoInstances(SampleDataset):
+class CocoImageDataset(SampleDataset):
+    """What the COCO instance and COCO panoptic datasets share: the annotation file's image
+    list (entries with a problem kept as placeholders that raise it when loaded, so that
+    ``--skip-bad-samples`` can count them), the image file lookup and the length."""
+
+    #: how the image-not-found message names the annotation file
+    annotation_kind = "COCO annotation file"
+    images: list[dict[str, Any]]
+    _bad: dict[Any, list[DataError]]
+
+    def _setup(self, root: Path, split: str, transforms: Any, image_mode: str) -> None:
+        self.root, self.split, self.transforms = root, split, transforms
+        if image_mode not in ("RGB", "L"):
+            raise ValueError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
+        self.image_mode = image_mode
+
+    def _listed_images(self, doc: dict[str, Any], flagged: set) -> list[dict[str, Any]]:
+        """The usable ``images`` entries sorted by id, then one placeholder per flagged entry."""
+        images = sorted((im for k, im in enumerate(doc["images"]) if ("images", k) not in flagged),
+                        key=lambda im: im["id"])
+        return images + [{"id": key, "file_name": str(key)} for key in self._bad if isinstance(key, tuple)]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def image_path(self, file_name: str) -> Path:
+        p = find_coco_image(self.root, self.split, file_name)
+        if p is not None:
+            return p
+        raise DataError(self.root / file_name, f"image of the {self.annotation_kind} not found",
+                        "pass image_root= (the folder file_name is relative to)")
+
+
+class CocoInstances(CocoImageDataset):
     """A COCO instance-segmentation dataset (see the module docstring for the sample format).
 
     Args:
@@ -451,12 +485,7 @@ class CocoInstances(SampleDataset):
                  transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None, image_mode: str = "RGB",
                  image_root: str | os.PathLike | None = None, skip_empty: bool = False) -> None:
         self.annotation_file, root = find_coco_annotations(data, split)
-        self.root = Path(image_root) if image_root is not None else root
-        self.split = split
-        self.transforms = transforms
-        if image_mode not in ("RGB", "L"):
-            raise ValueError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
-        self.image_mode = image_mode
+        self._setup(Path(image_root) if image_root is not None else root, split, transforms, image_mode)
         doc = read_coco_json(self.annotation_file, "COCO JSON", "COCO instance")
         general, self._bad, flagged = coco_field_problems(doc, self.annotation_file)
         if general:
@@ -486,9 +515,7 @@ class CocoInstances(SampleDataset):
                 self._anns.setdefault(a["image_id"], []).append(a)
             elif a.get("category_id") not in known:
                 self._unknown.setdefault(a.get("image_id"), []).append(a)
-        images = sorted((im for k, im in enumerate(doc["images"]) if ("images", k) not in flagged),
-                        key=lambda im: im["id"])
-        images += [{"id": key, "file_name": str(key)} for key in self._bad if isinstance(key, tuple)]
+        images = self._listed_images(doc, flagged)
         if skip_empty:
             images = [im for im in images if im["id"] in self._bad
                       or any(not a.get("iscrowd", 0) for a in self._anns.get(im["id"], []))]
@@ -499,16 +526,6 @@ class CocoInstances(SampleDataset):
     def num_classes(self) -> int:
         """Classes including the background (the ``num_classes`` of a Mask R-CNN)."""
         return len(self.classes)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def image_path(self, file_name: str) -> Path:
-        p = find_coco_image(self.root, self.split, file_name)
-        if p is not None:
-            return p
-        raise DataError(self.root / file_name, "image of the COCO annotation file not found",
-                        "pass image_root= (the folder file_name is relative to)")
 
     def load(self, index: int) -> dict[str, Any]:
         """The sample at ``index`` before ``transforms``."""

@@ -56,8 +56,7 @@ import torch
 from PIL import Image, ImageFile
 
 from pixelwise.data.classes import IGNORE_INDEX, ClassInfo, palette
-from pixelwise.data.formats.base import SampleDataset
-from pixelwise.data.formats.coco import find_coco_image, read_coco_json
+from pixelwise.data.formats.coco import CocoImageDataset, read_coco_json
 from pixelwise.data.io import atomic_directory, atomic_write_text, read_image, write_image
 from pixelwise.errors import DataError
 
@@ -828,7 +827,7 @@ def find_panoptic_annotations(data: str | os.PathLike, split: str = "train") -> 
     return ann, png_dir, root
 
 
-class CocoPanoptic(SampleDataset):
+class CocoPanoptic(CocoImageDataset):
     """A COCO panoptic dataset (Kirillov et al., CVPR 2019; panopticapi's format) for
     Panoptic FPN (:mod:`pixelwise.models.panoptic_fpn`).
 
@@ -867,15 +866,12 @@ class CocoPanoptic(SampleDataset):
             without annotation, an unknown category, a PNG id without segment.
     """
 
+    annotation_kind = "panoptic annotation file"
+
     def __init__(self, data: str | os.PathLike, split: str = "train", transforms: Any = None,
                  image_mode: str = "RGB", image_root: str | os.PathLike | None = None) -> None:
         self.annotation_file, self.png_dir, root = find_panoptic_annotations(data, split)
-        self.root = Path(image_root) if image_root is not None else root
-        self.split = split
-        self.transforms = transforms
-        if image_mode not in ("RGB", "L"):
-            raise ValueError(f"image_mode must be 'RGB' or 'L', got {image_mode!r}")
-        self.image_mode = image_mode
+        self._setup(Path(image_root) if image_root is not None else root, split, transforms, image_mode)
         doc = read_coco_json(self.annotation_file, "the panoptic JSON", "COCO panoptic")
         try:
             cats = sorted(categories_from_classes(doc["categories"]), key=lambda c: c["id"])
@@ -910,9 +906,7 @@ class CocoPanoptic(SampleDataset):
                                 "keep one annotation per image")
             anns[a["image_id"]] = a
         self._anns = anns
-        images = sorted((im for k, im in enumerate(doc["images"]) if ("images", k) not in flagged),
-                        key=lambda im: im["id"])
-        images += [{"id": key, "file_name": str(key)} for key in self._bad if isinstance(key, tuple)]
+        images = self._listed_images(doc, flagged)
         missing = [im["id"] for im in images if im["id"] not in anns and im["id"] not in self._bad]
         if missing:
             raise DataError(self.annotation_file, f"images {missing[:10]} have no annotation (segments_info)",
@@ -933,16 +927,6 @@ class CocoPanoptic(SampleDataset):
     def thing_class(self) -> int:
         """The semantic map's 'thing' class (= the number of stuff categories)."""
         return len(self.stuff_ids)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def image_path(self, file_name: str) -> Path:
-        p = find_coco_image(self.root, self.split, file_name)
-        if p is not None:
-            return p
-        raise DataError(self.root / file_name, "image of the panoptic annotation file not found",
-                        "pass image_root= (the folder file_name is relative to)")
 
     def load(self, index: int) -> dict[str, Any]:
         """The sample at ``index`` before ``transforms``."""
