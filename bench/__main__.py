@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data", "predict", "byod", "quality"]
+GROUPS = ["metrics", "pq", "mask_ap", "inference", "int8", "train", "elastic", "memory", "data", "predict", "byod", "quality", "histolytics"]
 
 
 def main(argv=None) -> int:
@@ -33,6 +33,7 @@ def main(argv=None) -> int:
         "data": models.data_rows, "int8": int8.int8_rows, "predict": predict.predict_rows,
         "byod": lambda: __import__("bench.byod", fromlist=["byod_rows"]).byod_rows(),
         "quality": lambda: __import__("bench.quality", fromlist=["quality_rows"]).quality_rows(),
+        "histolytics": lambda: __import__("bench.histolytics", fromlist=["histolytics_rows"]).histolytics_rows(),
     }
     for g in groups:
         print(f"[bench] {g} ...", file=sys.stderr, flush=True)

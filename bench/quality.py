@@ -20,6 +20,7 @@ the weights at the end of the budget (no picking the best epoch on val, for eith
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -83,11 +84,12 @@ def _mean_spread(xs: list[float]) -> str:
 def _row(what: str, ours: list[float], ref: list[float], note: str) -> Row:
     m1, m2 = statistics.mean(ours), statistics.mean(ref)
     verdict = "pixelwise >= reference" if m1 >= m2 else "pixelwise BELOW reference"
+    print(f"[quality] row: {what}: {_mean_spread(ours)} vs {_mean_spread(ref)}", file=sys.stderr, flush=True)
     return Row(what, _mean_spread(ours), _mean_spread(ref), f"{m1 / m2:.2f}" if m2 else "-", f"{verdict}; {note}")
 
 
 def _nanmean(xs: list[float]) -> float:
-    xs = [x for x in xs if x == x]
+    xs = [x for x in xs if not math.isnan(x)]
     return sum(xs) / len(xs)
 
 
@@ -109,47 +111,66 @@ def quality_rows() -> list[Row]:
         tmp = Path(t)
         data = _ensure_data(tmp)
         for name, config, arch, ds, k, crop, batch in SEMANTIC:
-            ours, ref, ours_cls, ref_cls, steps = [], [], [], [], []
-            for seed in SEEDS:
-                out = tmp / f"{Path(config).stem}_{seed}"
-                pw, rf = _pair(_pixelwise_cmd(config, data[ds], out, seed, BUDGET[ds]),
-                               [sys.executable, "-m", "bench.quality_reference", "semantic", "--arch", arch,
-                                "--classes", str(k), "--crop", str(crop), "--batch-size", str(batch),
-                                "--data", str(data[ds]), "--seed", str(seed), "--budget", str(BUDGET[ds])])
-                score = (lambda iou: iou[1]) if ds == "stardist" else _nanmean
-                ours.append(score(pw["iou"]))
-                ref.append(score(rf["iou"]))
-                ours_cls.append(pw["iou"])
-                ref_cls.append(rf["iou"])
-                steps.append((pw["step"], rf["steps"]))
-                print(f"[quality] {name} {ds} seed {seed}: pixelwise {ours[-1]:.3f} ({pw['step']} steps), "
-                      f"reference {ref[-1]:.3f} ({rf['steps']} steps)", file=sys.stderr, flush=True)
-            metric = "foreground IoU" if ds == "stardist" else "mIoU"
-            per_step = f"steps {statistics.mean(s[0] for s in steps):.0f} vs {statistics.mean(s[1] for s in steps):.0f}"
-            rows.append(_row(f"{name} from scratch, {ds}, {BUDGET[ds]} s on 1 thread: {metric} "
-                             f"(`{config}` vs smp.{'Unet' if arch == 'unet' else 'DeepLabV3Plus'})",
-                             ours, ref, per_step))
-            if ds != "stardist":
-                per_class = lambda rs: " / ".join(f"{_nanmean([r[c] for r in rs]):.2f}" for c in range(k))
-                rows.append(Row("  same runs: per-class IoU (background / connective / inflammatory / neoplastic)",
-                                per_class(ours_cls), per_class(ref_cls), "", "means over the seeds"))
+            try:
+                rows += _semantic_rows(tmp, data, name, config, arch, ds, k, crop, batch)
+            except (RuntimeError, KeyError, ValueError) as e:  # one failing row must not hide the others
+                rows.append(Row(f"{name}, {ds}", "error", "", "", f"{type(e).__name__}: {str(e)[:160]}"))
         for ds, config, folder in INSTANCE:
-            ours, ref, ours50, ref50, steps = [], [], [], [], []
-            for seed in SEEDS:
-                out = tmp / f"{Path(config).stem}_{seed}"
-                pw, rf = _pair(_pixelwise_cmd(config, data[folder], out, seed, BUDGET["maskrcnn"]),
-                               [sys.executable, "-m", "bench.quality_reference", "maskrcnn", "--data",
-                                str(data[folder]), "--seed", str(seed), "--budget", str(BUDGET["maskrcnn"])])
-                ours.append(pw["mask_AP"])
-                ref.append(rf["mask_ap"])
-                ours50.append(pw["mask_AP50"])
-                ref50.append(rf["mask_ap50"])
-                steps.append((pw["step"], rf["steps"]))
-                print(f"[quality] Mask R-CNN {ds} seed {seed}: pixelwise AP {ours[-1]:.3f} ({pw['step']} steps), "
-                      f"reference {ref[-1]:.3f} ({rf['steps']} steps)", file=sys.stderr, flush=True)
-            per_step = f"steps {statistics.mean(s[0] for s in steps):.0f} vs {statistics.mean(s[1] for s in steps):.0f}"
-            what = (f"Mask R-CNN ResNet-18-FPN from scratch, {ds}, {BUDGET['maskrcnn']} s on 1 thread: mask AP "
-                    f"(`{config}` vs torchvision MaskRCNN)")
-            rows.append(_row(what, ours, ref, per_step))
-            rows.append(_row("  same runs: mask AP50", ours50, ref50, ""))
+            try:
+                rows += _instance_rows(tmp, data, ds, config, folder)
+            except (RuntimeError, KeyError, ValueError) as e:
+                rows.append(Row(f"Mask R-CNN, {ds}", "error", "", "", f"{type(e).__name__}: {str(e)[:160]}"))
+    return rows
+
+
+def _semantic_rows(tmp: Path, data: dict[str, Path], name: str, config: str, arch: str, ds: str, k: int, crop: int,
+                   batch: int) -> list[Row]:
+    rows: list[Row] = []
+    ours, ref, ours_cls, ref_cls, steps = [], [], [], [], []
+    for seed in SEEDS:
+        out = tmp / f"{Path(config).stem}_{seed}"
+        pw, rf = _pair(_pixelwise_cmd(config, data[ds], out, seed, BUDGET[ds]),
+                       [sys.executable, "-m", "bench.quality_reference", "semantic", "--arch", arch,
+                        "--classes", str(k), "--crop", str(crop), "--batch-size", str(batch),
+                        "--data", str(data[ds]), "--seed", str(seed), "--budget", str(BUDGET[ds])])
+        score = (lambda iou: iou[1]) if ds == "stardist" else _nanmean
+        ours.append(score(pw["iou"]))
+        ref.append(score(rf["iou"]))
+        ours_cls.append(pw["iou"])
+        ref_cls.append(rf["iou"])
+        steps.append((pw["step"], rf["steps"]))
+        print(f"[quality] {name} {ds} seed {seed}: pixelwise {ours[-1]:.3f} ({pw['step']} steps), "
+              f"reference {ref[-1]:.3f} ({rf['steps']} steps)", file=sys.stderr, flush=True)
+    metric = "foreground IoU" if ds == "stardist" else "mIoU"
+    per_step = f"steps {statistics.mean(s[0] for s in steps):.0f} vs {statistics.mean(s[1] for s in steps):.0f}"
+    rows.append(_row(f"{name} from scratch, {ds}, {BUDGET[ds]} s on 1 thread: {metric} "
+                     f"(`{config}` vs smp.{'Unet' if arch == 'unet' else 'DeepLabV3Plus'})",
+                     ours, ref, per_step))
+    if ds != "stardist":
+        per_class = lambda rs: " / ".join(f"{_nanmean([r[c] for r in rs]):.2f}" for c in range(k))
+        rows.append(Row("  same runs: per-class IoU (background / connective / inflammatory / neoplastic)",
+                        per_class(ours_cls), per_class(ref_cls), "", "means over the seeds"))
+    return rows
+
+
+def _instance_rows(tmp: Path, data: dict[str, Path], ds: str, config: str, folder: str) -> list[Row]:
+    rows: list[Row] = []
+    ours, ref, ours50, ref50, steps = [], [], [], [], []
+    for seed in SEEDS:
+        out = tmp / f"{Path(config).stem}_{seed}"
+        pw, rf = _pair(_pixelwise_cmd(config, data[folder], out, seed, BUDGET["maskrcnn"]),
+                       [sys.executable, "-m", "bench.quality_reference", "maskrcnn", "--data",
+                        str(data[folder]), "--seed", str(seed), "--budget", str(BUDGET["maskrcnn"])])
+        ours.append(pw["mask_AP"])
+        ref.append(rf["mask_ap"])
+        ours50.append(pw["mask_AP50"])
+        ref50.append(rf["mask_ap50"])
+        steps.append((pw["step"], rf["steps"]))
+        print(f"[quality] Mask R-CNN {ds} seed {seed}: pixelwise AP {ours[-1]:.3f} ({pw['step']} steps), "
+              f"reference {ref[-1]:.3f} ({rf['steps']} steps)", file=sys.stderr, flush=True)
+    per_step = f"steps {statistics.mean(s[0] for s in steps):.0f} vs {statistics.mean(s[1] for s in steps):.0f}"
+    what = (f"Mask R-CNN ResNet-18-FPN from scratch, {ds}, {BUDGET['maskrcnn']} s on 1 thread: mask AP "
+            f"(`{config}` vs torchvision MaskRCNN)")
+    rows.append(_row(what, ours, ref, per_step))
+    rows.append(_row("  same runs: mask AP50", ours50, ref50, ""))
     return rows
