@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import QUICK, Row
+from bench.quality_reference import voc_split
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "configs/unet_histolytics.yaml"
@@ -32,13 +33,10 @@ NAMES = ("background", "connective", "inflammatory", "neoplastic")
 
 
 def class_shares(data: Path) -> dict[str, list[float]]:
-    from PIL import Image
-
+    """Each class's share of the labelled pixels, per split."""
     out = {}
     for split in ("train", "val"):
-        counts = np.zeros(256, np.int64)
-        for n in (data / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split():
-            counts += np.bincount(np.asarray(Image.open(data / "SegmentationClass" / f"{n}.png")).ravel(), minlength=256)
+        counts = sum(np.bincount(mask.ravel(), minlength=256) for _, mask in voc_split(data, split))
         out[split] = (counts[:4] / counts[:4].sum()).tolist()
     return out
 

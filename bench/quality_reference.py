@@ -113,7 +113,7 @@ def semantic(a: argparse.Namespace) -> dict:
 
 
 def _coco_samples(data: Path, split: str):
-    from pycocotools import mask as mask_utils
+    """(COCO index, sorted category ids, [(image id, RGB array, torchvision target)]) of a split."""
     from pycocotools.coco import COCO
 
     coco = COCO(str(data / "annotations" / f"instances_{split}.json"))
@@ -130,10 +130,11 @@ def _coco_samples(data: Path, split: str):
         samples.append((img_id, img, {"boxes": torch.from_numpy(boxes),
                                       "labels": torch.tensor([label_of[x["category_id"]] for x in anns], dtype=torch.int64),
                                       "masks": torch.from_numpy(masks)}))
-    return coco, cats, samples, mask_utils
+    return coco, cats, samples
 
 
 def maskrcnn(a: argparse.Namespace) -> dict:
+    from pycocotools import mask as mask_utils
     from pycocotools.cocoeval import COCOeval
     from torchvision.models.detection import MaskRCNN
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
@@ -141,8 +142,8 @@ def maskrcnn(a: argparse.Namespace) -> dict:
     torch.manual_seed(a.seed)
     rng = np.random.default_rng(a.seed)
     data = Path(a.data)
-    _, cats, train, _ = _coco_samples(data, "train")
-    coco_val, _, val, mask_utils = _coco_samples(data, "val")
+    _, cats, train = _coco_samples(data, "train")
+    coco_val, _, val = _coco_samples(data, "val")
     size = max(max(im.shape[:2]) for _, im, _ in train + val)
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
     model = MaskRCNN(backbone, num_classes=len(cats) + 1, min_size=size, max_size=size)

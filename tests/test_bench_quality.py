@@ -47,7 +47,7 @@ def test_reference_reads_the_split_pixelwise_uses(tmp_path):
         ref = voc_split(Path(root), split)
         assert len(ref) == len(ds)
         for i, (image, mask) in enumerate(ref):
-            sample = ds.load(i) if hasattr(ds, "load") else ds[i]
+            sample = ds.load(i)
             assert np.array_equal(mask, np.asarray(sample["semantic"]))
             np.testing.assert_allclose(image.astype(np.float32) / 255, np.asarray(sample["image"]).transpose(1, 2, 0),
                                        atol=1e-6)

@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 
 import pixelwise  # noqa: E402
 from pixelwise.export import OnnxSegmenter, export_onnx  # noqa: E402
+from export_helpers import eval_model
 
 SMALL = {
     "fcn8s": dict(width=0.125, backbone="vgg16_bn"),
@@ -38,15 +39,7 @@ def test_every_semantic_model_is_covered():
 
 
 def _model(name: str, kw: dict) -> nn.Module:
-    torch.manual_seed(0)
-    m = pixelwise.build_model(name, 3, **kw)
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-        elif isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and not mod.weight.abs().sum():
-            nn.init.normal_(mod.weight, 0, 0.1)  # FCN zero-initialises its score layers
-    return m.eval()
+    return eval_model(name, **kw)
 
 
 @pytest.mark.parametrize("key", sorted(SMALL) + sorted(EXTRA))

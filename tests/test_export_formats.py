@@ -16,6 +16,7 @@ from PIL import Image
 import pixelwise
 from pixelwise.data.loading import normalization_for
 from pixelwise.engine.checkpoint import save_checkpoint
+from export_helpers import eval_model
 
 CLASSES = [{"id": i, "name": n, "color": c} for i, (n, c) in
            enumerate([("bg", [0, 0, 0]), ("a", [255, 0, 0]), ("b", [0, 255, 0])])]
@@ -24,15 +25,7 @@ TINY = {"fcn8s": dict(width=0.125, backbone="vgg16_bn"), "unet": dict(width=0.12
 
 
 def _model(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    m = pixelwise.build_model(name, 3, **TINY[name])
-    for mod in m.modules():
-        if isinstance(mod, nn.BatchNorm2d):
-            mod.running_mean.uniform_(-0.5, 0.5)
-            mod.running_var.uniform_(0.5, 2.0)
-        elif isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and not mod.weight.abs().sum():
-            nn.init.normal_(mod.weight, 0, 0.1)  # FCN zero-initialises its score layers
-    return m.eval()
+    return eval_model(name, **TINY[name])
 
 
 def _ckpt(tmp_path: Path, name: str) -> Path:
